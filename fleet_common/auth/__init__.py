@@ -1,0 +1,1 @@
+"""Tokens (admin, join, agent) and the audit log."""

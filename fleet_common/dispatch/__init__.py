@@ -1,0 +1,1 @@
+"""Dispatch: capability routing and the atomic claim."""

@@ -1,0 +1,1 @@
+"""Alembic migrations; ``fleet_common.migrate.upgrade`` runs them."""
