@@ -160,7 +160,15 @@ def _is_disconnect(error: exc.DBAPIError) -> bool:
         return True
     text = str(error.orig or error).lower()
     markers = (
-        "connection", "server closed", "could not connect", "terminating", "shutting down",
-        "starting up", "timeout expired", "pool", "recovery mode", "no route",
+        "connection",
+        "server closed",
+        "could not connect",
+        "terminating",
+        "shutting down",
+        "starting up",
+        "timeout expired",
+        "pool",
+        "recovery mode",
+        "no route",
     )
     return any(marker in text for marker in markers)

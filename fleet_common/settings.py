@@ -159,11 +159,23 @@ _SHORT_ENV = {
     "FLEET_FORGEJO_WEBHOOK_SECRET": ("forgejo", "webhook_secret"),
 }
 _POSITIVE = {
-    "heartbeat_interval_secs", "heartbeat_timeout_threshold", "lease_secs", "task_timeout_secs",
-    "retry_backoff_base_secs", "retry_backoff_max_secs", "relay_after_secs",
-    "sweep_interval_secs", "sweep_batch_size", "max_requirements", "max_log_bytes",
-    "log_retention_days", "command_ttl_secs", "join_token_ttl_secs", "max_body_bytes",
-    "reconcile_interval_secs", "no_capable_agent_after_secs",
+    "heartbeat_interval_secs",
+    "heartbeat_timeout_threshold",
+    "lease_secs",
+    "task_timeout_secs",
+    "retry_backoff_base_secs",
+    "retry_backoff_max_secs",
+    "relay_after_secs",
+    "sweep_interval_secs",
+    "sweep_batch_size",
+    "max_requirements",
+    "max_log_bytes",
+    "log_retention_days",
+    "command_ttl_secs",
+    "join_token_ttl_secs",
+    "max_body_bytes",
+    "reconcile_interval_secs",
+    "no_capable_agent_after_secs",
 }
 
 
@@ -268,7 +280,16 @@ def _coerce(key: str, value: Any, annotation: str) -> Any:
     if annotation == "bool":
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in {"1", "true", "yes", "on", "0", "false", "no", "off"}:
+        if isinstance(value, str) and value.lower() in {
+            "1",
+            "true",
+            "yes",
+            "on",
+            "0",
+            "false",
+            "no",
+            "off",
+        }:
             return value.lower() in {"1", "true", "yes", "on"}
         raise ConfigError(key, f"expected true or false, got {value!r}")
     if annotation == "int":
@@ -333,7 +354,9 @@ def _agent_types(raw: Mapping[str, Any]) -> dict[str, AgentTypeSettings]:
             timeout = _coerce(f"{key}.timeout_secs", timeout, "int")
             if timeout <= 0:
                 raise ConfigError(f"{key}.timeout_secs", "must be a positive integer")
-        upgrade = _coerce(f"{key}.upgrade_command", table.get("upgrade_command", []), "tuple[str, ...]")
+        upgrade = _coerce(
+            f"{key}.upgrade_command", table.get("upgrade_command", []), "tuple[str, ...]"
+        )
         result[name] = AgentTypeSettings(name, command, dict(env), timeout, upgrade)
     return result
 
@@ -398,5 +421,5 @@ def _slots(
         conc = _coerce(f"{key}.max_concurrency", slot.get("max_concurrency", 1), "int")
         if conc <= 0:
             raise ConfigError(f"{key}.max_concurrency", "must be a positive integer")
-        slots.append(AgentSlotSettings(agent_type, tuple(sorted(set(caps))), conc))
+        slots.append(AgentSlotSettings(str(agent_type), tuple(sorted(set(caps))), conc))
     return slots

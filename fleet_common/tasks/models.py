@@ -57,11 +57,16 @@ class Task(Base):
     timeout_secs: Mapped[int] = mapped_column(Integer)
     assigned_agent_id: Mapped[str | None] = mapped_column(ForeignKey("agents.id"))
     status: Mapped[str] = mapped_column(String(16), default=TaskStatus.QUEUED)
-    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    # The current (or next) attempt, from 1; ``retry_base`` is where an admin retry restarted
+    # the budget, so retries left = max_retries - (attempt - 1 - retry_base).
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
+    retry_base: Mapped[int] = mapped_column(Integer, default=0)
     # The agent holding the current lease, its token's digest and expiry.
     agent_id: Mapped[str | None] = mapped_column(ForeignKey("agents.id"))
     lease_digest: Mapped[str | None] = mapped_column(String(64))
     lease_expires_at: Mapped[dt.datetime | None]
+    # When the current attempt times out (set at dispatch from timeout_secs).
+    deadline_at: Mapped[dt.datetime | None]
     not_before: Mapped[dt.datetime | None]
     cancel_requested: Mapped[bool] = mapped_column(default=False)
     failure_reason: Mapped[str | None] = mapped_column(String(40))
@@ -107,6 +112,12 @@ class Task(Base):
         Index(
             "ix_tasks_active_lease",
             "lease_expires_at",
+            postgresql_where=text("status IN ('dispatched', 'running')"),
+            sqlite_where=text("status IN ('dispatched', 'running')"),
+        ),
+        Index(
+            "ix_tasks_active_deadline",
+            "deadline_at",
             postgresql_where=text("status IN ('dispatched', 'running')"),
             sqlite_where=text("status IN ('dispatched', 'running')"),
         ),

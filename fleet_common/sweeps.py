@@ -1,0 +1,226 @@
+"""The periodic sweeps. Each is bounded (a batch per run), lock-aware (``SKIP LOCKED``) and
+idempotent, so two running at once are harmless. Beat runs them; tests call them directly.
+
+Each takes a session and returns what it did; the caller's unit of work commits.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from fleet_common.agents import commands
+from fleet_common.agents.models import Agent, AgentStatus, DesiredState
+from fleet_common.agents.service import release_tasks
+from fleet_common.auth import audit
+from fleet_common.dispatch.routing import can_serve
+from fleet_common.settings import OrchestratorSettings
+from fleet_common.tasks import lease
+from fleet_common.tasks.models import ACTIVE, TERMINAL, Task, TaskLogChunk, TaskStatus
+from fleet_common.tasks.state import Reason, transition
+
+
+@dataclass(frozen=True)
+class Publish:
+    """A wake-up to send after commit: the task's routing key and assignment."""
+
+    task_id: str
+    req_key: str
+    assigned_agent_id: str | None
+
+
+def offline_agents(session: Session, settings: OrchestratorSettings, now: dt.datetime) -> int:
+    """Agents silent past the threshold go offline; their tasks fail ``agent_lost``."""
+    cutoff = now - dt.timedelta(seconds=settings.offline_after_secs)
+    silent = session.scalars(
+        select(Agent)
+        .where(
+            Agent.status == AgentStatus.ONLINE,
+            Agent.deleted_at.is_(None),
+            Agent.last_heartbeat_at < cutoff,
+        )
+        .order_by(Agent.last_heartbeat_at)
+        .limit(settings.sweep_batch_size)
+        .with_for_update(skip_locked=True)
+    )
+    count = 0
+    for agent in silent:
+        agent.status = AgentStatus.OFFLINE
+        agent.updated_at = now
+        release_tasks(
+            session,
+            settings,
+            agent.id,
+            Reason.AGENT_LOST,
+            f"no heartbeat for {settings.offline_after_secs}s",
+            now=now,
+        )
+        audit.record(session, "fleet", "agent.offline", "agent", agent.id)
+        count += 1
+    return count
+
+
+def _active_due(session: Session, column: Any, now: dt.datetime, limit: int) -> list[Task]:
+    return list(
+        session.scalars(
+            select(Task)
+            .where(Task.status.in_(ACTIVE), column < now)
+            .order_by(column)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+    )
+
+
+def expired_leases(session: Session, settings: OrchestratorSettings, now: dt.datetime) -> int:
+    """Attempts whose lease ran out fail ``lease_expired``."""
+    due = _active_due(session, Task.lease_expires_at, now, settings.sweep_batch_size)
+    for task in due:
+        lease.fail_attempt(
+            session,
+            settings,
+            task,
+            Reason.LEASE_EXPIRED,
+            "the lease expired",
+            actor="fleet",
+            now=now,
+        )
+    return len(due)
+
+
+def timed_out(session: Session, settings: OrchestratorSettings, now: dt.datetime) -> int:
+    """Attempts past their deadline fail ``timeout`` (the worker usually got there first)."""
+    due = _active_due(session, Task.deadline_at, now, settings.sweep_batch_size)
+    for task in due:
+        lease.fail_attempt(
+            session,
+            settings,
+            task,
+            Reason.TIMEOUT,
+            f"timed out after {task.timeout_secs}s",
+            actor="fleet",
+            now=now,
+        )
+    return len(due)
+
+
+def due_for_publish(
+    session: Session, settings: OrchestratorSettings, now: dt.datetime
+) -> list[Publish]:
+    """Queued tasks never published, or whose last wake-up is older than ``relay_after_secs``
+    (a broker outage, a lost message, a retry whose backoff just ended). Marks them published;
+    the caller sends the wake-ups after commit."""
+    stale = now - dt.timedelta(seconds=settings.relay_after_secs)
+    due = session.scalars(
+        select(Task)
+        .where(
+            Task.status == TaskStatus.QUEUED,
+            (Task.last_published_at.is_(None)) | (Task.last_published_at < stale),
+            (Task.not_before.is_(None)) | (Task.not_before <= now),
+        )
+        .order_by(Task.priority.desc(), Task.created_at)
+        .limit(settings.sweep_batch_size)
+        .with_for_update(skip_locked=True)
+    )
+    out = []
+    for task in due:
+        task.last_published_at = now
+        out.append(Publish(task.id, task.req_key, task.assigned_agent_id))
+    return out
+
+
+def no_capable_agent(session: Session, settings: OrchestratorSettings, now: dt.datetime) -> int:
+    """Queued tasks that no known agent can serve fail ``no_capable_agent`` after a wait."""
+    cutoff = now - dt.timedelta(seconds=settings.no_capable_agent_after_secs)
+    keys = list(
+        session.scalars(
+            select(Task.req_key)
+            .distinct()
+            .where(
+                Task.status == TaskStatus.QUEUED,
+                Task.assigned_agent_id.is_(None),
+                Task.created_at < cutoff,
+            )
+        )
+    )
+    if not keys:
+        return 0
+    fleet_caps = list(
+        session.scalars(
+            select(Agent.capabilities).where(
+                Agent.deleted_at.is_(None), Agent.desired_state != DesiredState.DISABLED
+            )
+        )
+    )
+    hopeless = [
+        key
+        for key in keys
+        if not any(can_serve(caps, [] if key == "_" else key.split("+")) for caps in fleet_caps)
+    ]
+    if not hopeless:
+        return 0
+    tasks = session.scalars(
+        select(Task)
+        .where(
+            Task.status == TaskStatus.QUEUED,
+            Task.assigned_agent_id.is_(None),
+            Task.req_key.in_(hopeless),
+            Task.created_at < cutoff,
+        )
+        .limit(settings.sweep_batch_size)
+        .with_for_update(skip_locked=True)
+    )
+    count = 0
+    for task in tasks:
+        transition(
+            session,
+            task,
+            TaskStatus.FAILED,
+            event="failed",
+            actor="fleet",
+            changes={
+                "failure_reason": Reason.NO_CAPABLE_AGENT,
+                "last_error": f"no agent can serve {', '.join(task.requirements)} "
+                f"after {settings.no_capable_agent_after_secs}s",
+            },
+            now=now,
+        )
+        task.finished_at = now
+        count += 1
+    return count
+
+
+def expired_commands(session: Session, settings: OrchestratorSettings, now: dt.datetime) -> int:
+    return commands.expire_due(session, now=now, limit=settings.sweep_batch_size)
+
+
+def expired_logs(session: Session, settings: OrchestratorSettings, now: dt.datetime) -> int:
+    """Delete the logs of tasks finished more than ``log_retention_days`` ago."""
+    cutoff = now - dt.timedelta(days=settings.log_retention_days)
+    old = list(
+        session.scalars(
+            select(Task.id)
+            .where(Task.status.in_(TERMINAL), Task.finished_at < cutoff, Task.log_bytes > 0)
+            .limit(settings.sweep_batch_size)
+        )
+    )
+    if not old:
+        return 0
+    session.execute(delete(TaskLogChunk).where(TaskLogChunk.task_id.in_(old)))
+    for task in session.scalars(select(Task).where(Task.id.in_(old))):
+        task.log_bytes = 0
+    return len(old)
+
+
+SWEEPS = {
+    "heartbeats": offline_agents,
+    "leases": expired_leases,
+    "timeouts": timed_out,
+    "no_capable_agent": no_capable_agent,
+    "commands": expired_commands,
+    "logs": expired_logs,
+}

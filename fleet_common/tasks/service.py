@@ -1,0 +1,285 @@
+"""Task services for operators: create, list, inspect, change, cancel, retry."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import String, cast, exc, func, select
+from sqlalchemy.orm import Session
+
+from fleet_common.agents.models import Agent, DesiredState
+from fleet_common.db import utcnow
+from fleet_common.dispatch.routing import (
+    can_serve,
+    req_key,
+    requirements_from_labels,
+    validate_capabilities,
+)
+from fleet_common.errors import Conflict, IllegalTransition, InvalidInput, NotFound
+from fleet_common.ids import new_id
+from fleet_common.settings import Settings
+from fleet_common.tasks import state
+from fleet_common.tasks.models import ACTIVE, TERMINAL, Task, TaskStatus
+
+CREATE_FIELDS = (
+    "title",
+    "prompt",
+    "labels",
+    "priority",
+    "repo",
+    "clone_url",
+    "requires_pr",
+    "max_retries",
+    "timeout_secs",
+    "assigned_agent_id",
+    "issue_number",
+    "source",
+)
+
+
+@dataclass
+class Created:
+    task: Task
+    warnings: list[str] = field(default_factory=list)
+    created: bool = True
+
+
+def _digest(data: dict[str, Any]) -> str:
+    canonical = json.dumps({k: data.get(k) for k in CREATE_FIELDS}, sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def create_task(
+    session: Session,
+    settings: Settings,
+    data: dict[str, Any],
+    *,
+    actor: str,
+    idempotency_key: str | None = None,
+    now: dt.datetime | None = None,
+) -> Created:
+    """Queue a new task (or return the one an earlier request with the same key created)."""
+    now = now or utcnow()
+    request_digest = _digest(data)
+    if idempotency_key is not None:
+        existing = _by_idempotency_key(session, idempotency_key)
+        if existing is not None:
+            return _replay(existing, request_digest)
+    orch = settings.orchestrator
+    labels = list(dict.fromkeys(data.get("labels") or []))
+    requirements = validate_capabilities(requirements_from_labels(labels), "labels")
+    if len(requirements) > orch.max_requirements:
+        raise InvalidInput(
+            f"labels: a task may require at most {orch.max_requirements} capabilities "
+            f"(orchestrator.max_requirements), got {len(requirements)}"
+        )
+    assigned = data.get("assigned_agent_id")
+    if assigned is not None:
+        _live_agent(session, assigned, "assigned_agent_id")
+    task = Task(
+        id=new_id("tsk"),
+        title=data["title"],
+        prompt=data.get("prompt") or "",
+        labels=labels,
+        requirements=requirements,
+        req_key=req_key(requirements),
+        priority=data.get("priority") or 0,
+        repo=data.get("repo"),
+        clone_url=data.get("clone_url"),
+        issue_number=data.get("issue_number"),
+        requires_pr=bool(data.get("requires_pr", False)),
+        source=data.get("source") or "api",
+        max_retries=_default(data.get("max_retries"), orch.default_max_retries),
+        timeout_secs=_default(data.get("timeout_secs"), orch.task_timeout_secs),
+        assigned_agent_id=assigned,
+        status=TaskStatus.QUEUED,
+        attempt=1,
+        retry_base=0,
+        artifacts=[],
+        idempotency_key=idempotency_key,
+        request_digest=request_digest,
+        created_at=now,
+        updated_at=now,
+    )
+    warnings = capability_warnings(session, requirements, assigned)
+    if idempotency_key is None:
+        session.add(task)
+        state.record_creation(session, task, actor)
+        session.flush()
+        return Created(task, warnings)
+    try:
+        with session.begin_nested():
+            session.add(task)
+            state.record_creation(session, task, actor)
+    except exc.IntegrityError:
+        # A concurrent request with the same key won the race: answer as it did.
+        existing = _by_idempotency_key(session, idempotency_key)
+        if existing is None:
+            raise
+        return _replay(existing, request_digest)
+    return Created(task, warnings)
+
+
+def _default(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
+def _by_idempotency_key(session: Session, key: str) -> Task | None:
+    return session.scalars(select(Task).where(Task.idempotency_key == key)).first()
+
+
+def _replay(existing: Task, request_digest: str) -> Created:
+    if existing.request_digest != request_digest:
+        raise Conflict(
+            "Idempotency-Key was already used with a different request body",
+            reason="idempotency_conflict",
+        )
+    return Created(existing, [], created=False)
+
+
+def _live_agent(session: Session, agent_id: str, field_name: str) -> Agent:
+    agent = session.get(Agent, agent_id)
+    if agent is None or agent.deleted_at is not None:
+        raise InvalidInput(f"{field_name}: no agent {agent_id}")
+    return agent
+
+
+def capability_warnings(
+    session: Session, requirements: Sequence[str], assigned: str | None
+) -> list[str]:
+    """Warn when no known agent could ever run a task with these requirements."""
+    query = select(Agent.capabilities).where(
+        Agent.deleted_at.is_(None), Agent.desired_state != DesiredState.DISABLED
+    )
+    if assigned is not None:
+        query = query.where(Agent.id == assigned)
+    if any(can_serve(caps, requirements) for caps in session.scalars(query)):
+        return []
+    needed = ", ".join(requirements) or "none"
+    return [
+        f"no_capable_agent: no registered agent has the capabilities this task needs ({needed})"
+    ]
+
+
+def get_task(session: Session, task_id: str, *, for_update: bool = False) -> Task:
+    query = select(Task).where(Task.id == task_id)
+    if for_update:
+        query = query.with_for_update()
+    task = session.scalars(query).first()
+    if task is None:
+        raise NotFound(f"no task {task_id}")
+    return task
+
+
+def list_tasks(
+    session: Session,
+    *,
+    status: Sequence[str] = (),
+    agent_id: str | None = None,
+    repo: str | None = None,
+    label: str | None = None,
+    page: int = 1,
+    page_size: int = 50,
+) -> tuple[list[Task], int]:
+    """A page of tasks, newest first, and the total matching."""
+    query = select(Task)
+    if status:
+        query = query.where(Task.status.in_(status))
+    if agent_id:
+        query = query.where(Task.agent_id == agent_id)
+    if repo:
+        query = query.where(Task.repo == repo)
+    if label:
+        # Labels are a JSON list; a textual containment check works on both backends and the
+        # filter is applied on top of the indexed ones above.
+        query = query.where(cast(Task.labels, String).contains(json.dumps(label), autoescape=True))
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = session.scalars(
+        query.order_by(Task.created_at.desc(), Task.id.desc())
+        .offset((page - 1) * page_size)
+        .limit(page_size)
+    )
+    return list(rows), int(total)
+
+
+def update_task(session: Session, task_id: str, changes: dict[str, Any], *, actor: str) -> Task:
+    """PATCH priority / assignment of a task that is still queued."""
+    task = get_task(session, task_id, for_update=True)
+    if task.status != TaskStatus.QUEUED:
+        raise IllegalTransition(f"a task can be changed only while queued; it is {task.status}")
+    applied: dict[str, Any] = {}
+    if "priority" in changes and changes["priority"] is not None:
+        applied["priority"] = changes["priority"]
+    if "assigned_agent_id" in changes:
+        assigned = changes["assigned_agent_id"]
+        if assigned is not None:
+            _live_agent(session, assigned, "assigned_agent_id")
+        applied["assigned_agent_id"] = assigned
+    if applied:
+        state.transition(
+            session, task, TaskStatus.QUEUED, event="updated", actor=actor, changes=applied
+        )
+        task.last_published_at = None  # re-route at once: the relay republishes it
+        session.flush()
+    return task
+
+
+def cancel_task(
+    session: Session,
+    task_id: str,
+    *,
+    actor: str,
+    reason: str = state.Reason.CANCELLED_BY_USER,
+    now: dt.datetime | None = None,
+) -> Task:
+    """Cancel a non-terminal task; a running agent learns of it from its next reply."""
+    task = get_task(session, task_id, for_update=True)
+    if task.status in TERMINAL:
+        raise IllegalTransition(f"task is already {task.status}")
+    was_active = task.status in ACTIVE
+    state.transition(
+        session,
+        task,
+        TaskStatus.CANCELLED,
+        event="cancelled",
+        actor=actor,
+        changes={"failure_reason": reason},
+        now=now,
+    )
+    task.cancel_requested = was_active
+    task.finished_at = task.updated_at
+    session.flush()
+    return task
+
+
+def retry_task(session: Session, task_id: str, *, actor: str) -> Task:
+    """Queue a failed task again now, with a fresh retry budget."""
+    task = get_task(session, task_id, for_update=True)
+    if task.status != TaskStatus.FAILED:
+        raise IllegalTransition(f"only failed tasks can be retried; this one is {task.status}")
+    next_attempt = task.attempt + 1
+    state.transition(
+        session,
+        task,
+        TaskStatus.QUEUED,
+        event="retried",
+        actor=actor,
+        changes={
+            "attempt": next_attempt,
+            "retry_base": next_attempt - 1,
+            "agent_id": None,
+            "not_before": None,
+            "failure_reason": None,
+        },
+    )
+    task.lease_digest = None
+    task.lease_expires_at = None
+    task.finished_at = None
+    task.last_published_at = None
+    session.flush()
+    return task
