@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from fleet_common.auth import audit, tokens
@@ -65,9 +65,18 @@ def mint(
     return row, secret
 
 
-def list_tokens(session: Session, kind: TokenKind) -> list[Token]:
-    query = select(Token).where(Token.kind == kind).order_by(Token.created_at.desc(), Token.id)
-    return list(session.scalars(query))
+def list_tokens(
+    session: Session, kind: TokenKind, *, page: int = 1, page_size: int = 100
+) -> tuple[list[Token], int]:
+    """A page of tokens of ``kind``, newest first, and the total."""
+    query = select(Token).where(Token.kind == kind)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = session.scalars(
+        query.order_by(Token.created_at.desc(), Token.id)
+        .offset((page - 1) * page_size)
+        .limit(page_size)
+    )
+    return list(rows), int(total)
 
 
 def revoke(session: Session, kind: TokenKind, token_id: str, *, actor: str) -> Token:

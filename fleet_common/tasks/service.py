@@ -24,7 +24,7 @@ from fleet_common.errors import Conflict, IllegalTransition, InvalidInput, NotFo
 from fleet_common.ids import new_id
 from fleet_common.settings import Settings
 from fleet_common.tasks import state
-from fleet_common.tasks.models import ACTIVE, TERMINAL, Task, TaskStatus
+from fleet_common.tasks.models import ACTIVE, TERMINAL, Task, TaskEvent, TaskStatus
 
 CREATE_FIELDS = (
     "title",
@@ -174,6 +174,13 @@ def get_task(session: Session, task_id: str, *, for_update: bool = False) -> Tas
     if task is None:
         raise NotFound(f"no task {task_id}")
     return task
+
+
+def task_events(session: Session, task_id: str) -> list[TaskEvent]:
+    """A task's events, oldest first."""
+    get_task(session, task_id)
+    query = select(TaskEvent).where(TaskEvent.task_id == task_id).order_by(TaskEvent.seq)
+    return list(session.scalars(query))
 
 
 def list_tasks(

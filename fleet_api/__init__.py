@@ -1,0 +1,1 @@
+"""Fleet's HTTP side: the Flask app factory, REST resources, metrics and the CLI."""

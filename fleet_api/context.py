@@ -1,0 +1,103 @@
+"""The request boundary: one session per request, authentication, and after-commit hooks.
+
+A view decorated with :func:`admin`, :func:`agent` or :func:`public` runs inside one unit of
+work: the session is ``g.session``, the caller ``g.principal``. The boundary commits when the
+view returns (services only flush), then runs the callbacks registered with
+:func:`after_commit` (publishing wake-ups), so nothing is announced that was not stored.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, cast
+
+from flask import current_app, g, request
+from sqlalchemy.orm import Session
+
+from fleet_common.auth import service as auth
+from fleet_common.auth.service import Principal
+from fleet_common.db import Database
+from fleet_common.errors import Forbidden, Unauthorized
+from fleet_common.settings import Settings
+from fleet_common.sweeps import Publish
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass
+class FleetContext:
+    """What the app holds for its requests: settings, the database, the publisher."""
+
+    settings: Settings
+    db: Database
+    publish: Callable[[list[Publish]], None] = field(default=lambda items: None)
+    pr_check: Any = None
+    broker_check: Callable[[], str] | None = None
+
+
+def fleet() -> FleetContext:
+    return cast(FleetContext, current_app.extensions["fleet"])
+
+
+def session() -> Session:
+    return cast(Session, g.session)
+
+
+def principal() -> Principal:
+    return cast(Principal, g.principal)
+
+
+def after_commit(callback: Callable[[], None]) -> None:
+    g.after_commit.append(callback)
+
+
+def publish_after_commit(items: list[Publish]) -> None:
+    """Wake workers for these tasks once the transaction that queued them commits."""
+    if items:
+        ctx = fleet()
+        after_commit(lambda: ctx.publish(items))
+
+
+def _bearer() -> str:
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if not hmac.compare_digest(scheme.lower().encode(), b"bearer") or not value.strip():
+        raise Unauthorized("missing bearer token (Authorization: Bearer <token>)")
+    return value.strip()
+
+
+def _run(view: Callable[..., Any], who: str | None, args: Any, kwargs: Any) -> Any:
+    ctx = fleet()
+    g.after_commit = []
+    with ctx.db.session() as s:
+        g.session = s
+        if who is not None:
+            g.principal = auth.authenticate(s, _bearer())
+            if who == "admin" and not g.principal.is_admin:
+                raise Forbidden("this endpoint needs an admin token")
+            if who == "agent" and g.principal.is_admin:
+                raise Forbidden("this endpoint is for agents; use an agent token")
+        result = view(*args, **kwargs)
+    for callback in g.after_commit:
+        callback()
+    return result
+
+
+def _guard(who: str | None) -> Callable[[F], F]:
+    def decorate(view: F) -> F:
+        @functools.wraps(view)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return _run(view, who, args, kwargs)
+
+        return cast(F, wrapper)
+
+    return decorate
+
+
+admin = _guard("admin")
+agent = _guard("agent")
+any_token = _guard("any")
+public = _guard(None)

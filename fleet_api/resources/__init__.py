@@ -1,0 +1,1 @@
+"""REST resources, one module per domain: views and their schemas."""
