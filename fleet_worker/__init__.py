@@ -1,0 +1,1 @@
+"""Fleet worker: Celery tasks, executors (local, SSH) and the HTTP pull agent daemon."""

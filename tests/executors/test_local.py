@@ -1,0 +1,169 @@
+"""The local executor against real processes: streaming, isolation, timeout, cancel, death."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+from exec_helpers import CancelFlag, Output, agent, pid_alive, wait_until
+
+from fleet_common.settings import HostSettings
+from fleet_worker.executors.base import ExecResult, _supervise
+from fleet_worker.executors.local import LocalExecutor
+from fleet_worker.workspace import plan_run
+
+# Prints the pids of a child and a grandchild, then waits for them forever.
+TREE = 'sh -c "sleep 300 & echo grandchild=\\$!; wait" & echo child=$!; echo ready; wait'
+
+
+def test_output_streams_while_the_process_runs(tmp_path: Path) -> None:
+    # The command only exits once the test has seen its first line: buffering until exit
+    # would deadlock into the timeout.
+    go = tmp_path / "go"
+    out = Output()
+    out.when(b"ready", go.touch)
+    result = LocalExecutor().execute(
+        ["sh", "-c", f"echo ready; while [ ! -e {go} ]; do sleep 0.02; done; echo finished >&2"],
+        on_output=out,
+        timeout_secs=20,
+    )
+    assert result == ExecResult(0, duration_secs=result.duration_secs)
+    assert out.text == "ready\nfinished\n"
+    assert len(out.chunks) >= 2
+
+
+def test_agent_gets_fleet_variables_and_nothing_else_of_the_worker(
+    tmp_path: Path, local_host: HostSettings, monkeypatch
+) -> None:
+    monkeypatch.setenv("FLEET_FORGEJO_TOKEN", "worker-secret-value")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "also-secret")
+    monkeypatch.setenv("LANG", "C.UTF-8")
+    dump = "import json, os; print('ENV=' + json.dumps(dict(os.environ)))"
+    spec = plan_run(
+        local_host,
+        agent("{python}", "-c", dump, env={"AGENT_SETTING": "on"}),
+        task_id="t-env",
+        prompt="hello",
+    )
+    out = Output()
+    result = LocalExecutor().run(spec, out)
+    assert result.succeeded, (result, out.text)
+    env = json.loads(out.value("ENV"))
+    workspace = str(tmp_path / "work" / "t-env")
+    assert env["FLEET_TASK_ID"] == "t-env"
+    assert env["FLEET_WORKSPACE"] == workspace
+    assert env["FLEET_RECEIPT_PATH"] == f"{workspace}/.fleet/receipt.json"
+    assert env["FLEET_BRANCH"] == ""
+    assert env["AGENT_SETTING"] == "on"
+    assert env["PATH"] == os.environ["PATH"]
+    assert env["LANG"] == "C.UTF-8"
+    assert "FLEET_FORGEJO_TOKEN" not in env
+    assert "AWS_SECRET_ACCESS_KEY" not in env
+    assert set(env) - {"PWD", "SHLVL", "_", "LC_CTYPE"} == {
+        "FLEET_TASK_ID",
+        "FLEET_WORKSPACE",
+        "FLEET_RECEIPT_PATH",
+        "FLEET_BRANCH",
+        "AGENT_SETTING",
+        "PATH",
+        "HOME",
+        "LANG",
+    }
+
+
+def test_timeout_kills_the_whole_tree() -> None:
+    out = Output()
+    result = LocalExecutor().execute(["sh", "-c", TREE], on_output=out, timeout_secs=1)
+    assert result.timed_out and not result.cancelled
+    assert 1 <= result.duration_secs < 5
+    pids = [int(out.value("child")), int(out.value("grandchild"))]
+    wait_until(lambda: not any(map(pid_alive, pids)), 5, f"{pids} to die")
+
+
+def test_cancel_stops_a_process_that_ignores_sigterm_within_5_seconds() -> None:
+    cancel = CancelFlag()
+    out = Output()
+    out.when(b"ready", cancel.set)
+    script = f"trap '' TERM; {TREE}"
+    result = LocalExecutor().execute(
+        ["sh", "-c", script], on_output=out, should_cancel=cancel, timeout_secs=60
+    )
+    assert result.cancelled and not result.timed_out
+    assert cancel.set_at is not None
+    assert time.monotonic() - cancel.set_at < 5
+    assert result.exit_code == 128 + signal.SIGKILL
+    pids = [int(out.value("child")), int(out.value("grandchild"))]
+    wait_until(lambda: not any(map(pid_alive, pids)), 5, f"{pids} to die")
+
+
+def test_stragglers_holding_the_output_are_killed_when_the_main_process_exits() -> None:
+    out = Output()
+    result = LocalExecutor().execute(
+        ["sh", "-c", "sleep 300 & echo bg=$!; exit 4"], on_output=out, timeout_secs=30
+    )
+    assert result.exit_code == 4 and not result.timed_out
+    assert result.duration_secs < 5
+    wait_until(lambda: not pid_alive(int(out.value("bg"))), 5, "the straggler to die")
+
+
+def test_a_missing_command_fails_like_a_shell_would() -> None:
+    out = Output()
+    result = LocalExecutor().execute(["fleet-no-such-command"], on_output=out)
+    assert result.exit_code == 127
+    assert "cannot start 'fleet-no-such-command'" in out.text
+
+
+def test_a_child_survives_the_thread_that_started_it() -> None:
+    # PR_SET_PDEATHSIG fires when the forking *thread* exits: children must be forked by the
+    # long-lived spawner thread, not by the caller's.
+    executor = LocalExecutor()
+    handles = []
+    starter = threading.Thread(
+        target=lambda: handles.append(
+            executor.start(["sh", "-c", "sleep 0.3; echo alive"], cwd=None, env={})
+        )
+    )
+    starter.start()
+    starter.join()
+    out = Output()
+    result = _supervise(handles[0], time.monotonic(), 20, 2.0, out, lambda: False, None)
+    handles[0].close()
+    assert (result.exit_code, out.text) == (0, "alive\n")
+
+
+PARENT = textwrap.dedent(
+    """
+    import sys
+    from fleet_worker.executors.local import LocalExecutor
+
+    def show(chunk):
+        sys.stdout.write(chunk.decode())
+        sys.stdout.flush()
+
+    LocalExecutor().execute(["sh", "-c", "echo agent=$$; exec sleep 300"], on_output=show)
+    """
+)
+
+
+def test_a_sigkilled_worker_leaves_no_agent_behind() -> None:
+    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        line = parent.stdout.readline()
+        assert line.startswith("agent="), line
+        agent_pid = int(line.split("=")[1])
+        assert pid_alive(agent_pid)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+        wait_until(lambda: not pid_alive(agent_pid), 5, "the agent to die with its worker")
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
