@@ -28,7 +28,7 @@ def create_app(
     configured broker (``publisher=False`` for none, e.g. in tests of the pull path alone).
     """
     settings = settings or load_settings()
-    app = Flask("fleet_api")
+    app = Flask(__name__)
     app.config.update(
         API_TITLE="Fleet",
         API_VERSION="v1",

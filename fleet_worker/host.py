@@ -1,0 +1,224 @@
+"""One configured host, as a worker process serves it: its agent slots (each an ``ssh_cli``
+agent row the worker heartbeats for), the attempts running on it, and the claim loop that a
+wake-up message starts."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from fleet_common.agents import commands as agent_commands
+from fleet_common.agents import service as agents
+from fleet_common.agents.models import CommandKind, DesiredState
+from fleet_common.db import Database, utcnow
+from fleet_common.dispatch.claim import claim_next
+from fleet_common.dispatch.routing import agent_queue, queue_for_key, servable_keys
+from fleet_common.settings import AgentSlotSettings, HostSettings, Settings
+from fleet_common.tasks.state import Reason
+from fleet_worker.attempt import Attempt, AttemptRun, Control
+from fleet_worker.executors import make_executor
+from fleet_worker.executors.base import Executor
+
+log = logging.getLogger("fleet.worker")
+
+
+@dataclass
+class Slot:
+    """One ``[[hosts]].agents`` entry and the agent row that stands for it."""
+
+    index: int
+    config: AgentSlotSettings
+    agent_id: str = ""
+    desired_state: str = DesiredState.ACTIVE
+    running: dict[str, tuple[Attempt, Control]] = field(default_factory=dict)
+
+    def host_uid(self, host_id: str) -> str:
+        return f"host:{host_id}:{self.index}:{self.config.agent_type}"
+
+
+class HostWorker:
+    """Serves one host: claims for its slots, runs attempts, heartbeats, obeys commands."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        host: HostSettings,
+        db: Database,
+        *,
+        executor: Executor | None = None,
+        on_restart: Callable[[], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.host = host
+        self.db = db
+        self.executor = executor or make_executor(host)
+        self.slots = [Slot(i, cfg) for i, cfg in enumerate(host.agents)]
+        self.stopping = False
+        self.on_restart = on_restart
+        self._lock = threading.Lock()
+        self._stop_heartbeats = threading.Event()
+        self._heartbeat_thread: threading.Thread | None = None
+
+    @property
+    def capacity(self) -> int:
+        return sum(slot.config.max_concurrency for slot in self.slots)
+
+    def queues(self) -> list[str]:
+        """Exactly the queues this host's slots can serve (routing is exact)."""
+        max_req = self.settings.orchestrator.max_requirements
+        names: dict[str, None] = {}
+        for slot in self.slots:
+            for key in servable_keys(slot.config.capabilities, max_req):
+                names[queue_for_key(key)] = None
+            names[agent_queue(slot.agent_id)] = None
+        return list(names)
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def register(self) -> None:
+        """Create or refresh the slots' agent rows, and fail whatever a previous process of
+        this host left running (its processes died with it) so it is retried at once."""
+        now = utcnow()
+        with self.db.session() as session:
+            for slot in self.slots:
+                agent = agents.ensure_configured(
+                    session,
+                    host_uid=slot.host_uid(self.host.host_id),
+                    name=f"{self.host.host_id}/{slot.config.agent_type}#{slot.index}",
+                    host_id=self.host.host_id,
+                    hostname=self.host.hostname
+                    if self.host.transport == "ssh"
+                    else socket.gethostname(),
+                    agent_type=slot.config.agent_type,
+                    capabilities=slot.config.capabilities,
+                    max_concurrency=slot.config.max_concurrency,
+                    now=now,
+                )
+                slot.agent_id = agent.id
+                slot.desired_state = agent.desired_state
+                agents.release_tasks(
+                    session,
+                    self.settings.orchestrator,
+                    agent.id,
+                    Reason.AGENT_LOST,
+                    "the worker serving this agent restarted",
+                    now=now,
+                )
+
+    def start_heartbeats(self) -> None:
+        self._heartbeat_thread = threading.Thread(
+            target=self._heartbeat_loop, name="fleet-heartbeat", daemon=True
+        )
+        self._heartbeat_thread.start()
+
+    def begin_shutdown(self, grace_secs: float) -> None:
+        """Take nothing new; after ``grace_secs`` stop what still runs (reported agent_lost)."""
+        self.stopping = True
+        timer = threading.Timer(grace_secs, self._stop_all)
+        timer.daemon = True
+        timer.start()
+
+    def close(self) -> None:
+        self._stop_heartbeats.set()
+        self.executor.close()
+
+    def _stop_all(self) -> None:
+        for slot in self.slots:
+            for _, control in list(slot.running.values()):
+                control.stop(worker_shutdown=True)
+
+    # -- claiming and running -----------------------------------------------------------
+
+    def serve(self) -> int:
+        """Claim and run the best eligible tasks for this host's slots until none is left
+        (a wake-up message starts this; duplicates and stale ones find nothing). Returns
+        how many attempts ran."""
+        ran = 0
+        while not self.stopping:
+            claimed = self._claim()
+            if claimed is None:
+                return ran
+            slot, attempt = claimed
+            self._run(slot, attempt)
+            ran += 1
+        return ran
+
+    def _claim(self) -> tuple[Slot, Attempt] | None:
+        orch = self.settings.orchestrator
+        for slot in sorted(self.slots, key=lambda s: len(s.running) / s.config.max_concurrency):
+            if slot.desired_state != DesiredState.ACTIVE:
+                continue
+            with self.db.session() as session:
+                claim = claim_next(session, orch, slot.agent_id)
+                if claim is not None:
+                    attempt = Attempt.of(claim.task, claim.lease_token)
+                    with self._lock:
+                        slot.running[attempt.task_id] = (attempt, Control())
+                    return slot, attempt
+        return None
+
+    def _run(self, slot: Slot, attempt: Attempt) -> None:
+        _, control = slot.running[attempt.task_id]
+        if self.stopping:
+            control.stop(worker_shutdown=True)
+        try:
+            agent_type = self.settings.agent_types[slot.config.agent_type]
+            AttemptRun(
+                self.db, self.settings, self.host, agent_type, self.executor, attempt, control
+            ).run()
+        finally:
+            with self._lock:
+                slot.running.pop(attempt.task_id, None)
+
+    # -- heartbeats and commands --------------------------------------------------------
+
+    def _heartbeat_loop(self) -> None:
+        interval = self.settings.orchestrator.heartbeat_interval_secs
+        while not self._stop_heartbeats.wait(interval):
+            try:
+                self.heartbeat()
+            except Exception:
+                log.warning("heartbeat failed; retrying next interval", exc_info=True)
+
+    def heartbeat(self) -> None:
+        """Heartbeat every slot with the leases it holds; act on what the reply says."""
+        orch = self.settings.orchestrator
+        for slot in self.slots:
+            with self._lock:
+                presented = [
+                    {"task_id": a.task_id, "lease_token": a.lease_token}
+                    for a, _ in slot.running.values()
+                ]
+            with self.db.session() as session:
+                reply = agents.heartbeat(session, orch, slot.agent_id, presented, None)
+                slot.desired_state = reply.agent.desired_state
+                for task_id in reply.cancelled_task_ids + reply.stale_task_ids:
+                    self._stop_task(slot, task_id)
+                for command in reply.commands:
+                    self._obey(session, slot, command.id, command.kind, command.payload)
+
+    def _stop_task(self, slot: Slot, task_id: str) -> None:
+        entry = slot.running.get(task_id)
+        if entry is not None:
+            entry[1].stop()
+
+    def _obey(
+        self, session: Session, slot: Slot, command_id: str, kind: str, payload: dict[str, Any]
+    ) -> None:
+        """drain/resume already changed the desired state on the server; the worker only
+        follows it. restart and upgrade restart the worker after its current work."""
+        agent_commands.acknowledge(session, slot.agent_id, command_id)
+        result: dict[str, object] = {"host_id": self.host.host_id}
+        if kind == CommandKind.CANCEL_TASK:
+            self._stop_task(slot, str(payload.get("task_id")))
+        elif kind in (CommandKind.RESTART, CommandKind.UPGRADE):
+            result["restarting"] = True
+            if self.on_restart is not None:
+                self.on_restart()
+        agent_commands.complete(session, slot.agent_id, command_id, True, result)

@@ -1,0 +1,25 @@
+"""``fleet.dispatch``: a wake-up for a worker that serves a host. The message names a task, but
+it is only a hint: the worker claims the best eligible task for its slots in the database, so a
+duplicate or stale message finds nothing and is dropped."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fleet_worker.base import FleetTask
+from fleet_worker.publisher import DISPATCH_TASK
+
+
+def register(app: Any) -> None:
+    """Add ``fleet.dispatch`` to ``app``."""
+    app.task(name=DISPATCH_TASK, base=FleetTask, bind=True, acks_late=True)(dispatch)
+
+
+def dispatch(task: FleetTask, task_id: str) -> None:
+    host = getattr(task.app, "fleet_host", None)
+    if host is None:
+        task.log("no host served by this process; wake-up for %s dropped", task_id)
+        return
+    ran = host.serve()
+    if ran:
+        task.log("woken for %s: ran %d attempt(s)", task_id, ran)
