@@ -1,0 +1,223 @@
+"""Publish after commit: wake-up messages for queued tasks, sent without blocking the caller.
+
+A wake-up is a Celery message named ``fleet.dispatch`` with args ``[task_id]`` on the queue of
+the task's requirement set (``fleet.cap.<key>``) or, for an assigned task, on its agent's queue
+(``fleet.agent.<id>``). The worker that receives one claims the best eligible task for its
+agent, so a wake-up is a hint, not an order: duplicates and strays are harmless, and a lost one
+is re-sent by the relay sweep once the task's last publish is older than ``relay_after_secs``.
+
+That is what lets :meth:`Publisher.publish` never block or fail: it only appends to a bounded
+in-memory queue; a background thread sends with a fail-fast connection, and on any broker error
+it logs, drops, and leaves the rest to the relay.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from kombu import Queue
+
+from fleet_common.dispatch.routing import agent_queue, queue_for_key
+from fleet_common.sweeps import Publish
+
+log = logging.getLogger(__name__)
+
+#: The task a wake-up invokes; the worker side defines it, the publisher only sends the name.
+DISPATCH_TASK = "fleet.dispatch"
+
+#: Items waiting to be sent; beyond this, publish() drops (the relay sweep covers them).
+DEFAULT_MAX_PENDING = 10_000
+#: After a failed send, drop instead of sending for this long: while the broker is down, each
+#: attempt would cost a connect timeout and the relay will re-send everything anyway.
+DEFAULT_COOLDOWN_SECS = 1.0
+
+_STOP = object()
+
+
+def wake_queue(name: str) -> Queue:
+    """The declaration of a wake-up queue: a durable queue on the default (anonymous) direct
+    exchange, so a message sent before anyone consumes it is kept. Celery's auto-created
+    queues would bind an exchange named after the queue, and ``:``/``+`` are not valid in an
+    exchange name on the filesystem transport."""
+    return Queue(name, routing_key=name)
+
+
+def queue_name(item: Publish) -> str:
+    """The queue a task's wake-up goes to: its agent's when assigned, else its capability set's."""
+    if item.assigned_agent_id:
+        return agent_queue(item.assigned_agent_id)
+    return queue_for_key(item.req_key)
+
+
+class Publisher:
+    """Sends wake-ups on a background thread; ``publish`` never blocks and never raises."""
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        cooldown_secs: float = DEFAULT_COOLDOWN_SECS,
+    ) -> None:
+        self.app = app
+        self.max_pending = max_pending
+        self.cooldown_secs = cooldown_secs
+        self.sent = 0
+        self.dropped = 0  # never sent: the queue was full, the broker down, or close() came first
+        self._lock = threading.Lock()
+        self._pending: queue.Queue[Any] = queue.Queue(maxsize=max_pending)
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+        self._closed = False
+        self._connection: Any = None
+        self._down_until = 0.0
+        self._outage = False
+        self._full_warned = False
+
+    def publish(self, items: Iterable[Publish]) -> None:
+        """Queue a wake-up for each item; returns at once whatever the broker's state."""
+        try:
+            pending = self._ensure_thread()
+        except Exception:  # pragma: no cover - starting a thread can fail only when exhausted
+            log.exception("publisher: cannot start its thread; the relay sweep will re-send")
+            return
+        if pending is None:
+            return
+        for item in items:
+            try:
+                pending.put_nowait(item)
+            except queue.Full:
+                with self._lock:
+                    self.dropped += 1
+                    warn, self._full_warned = not self._full_warned, True
+                if warn:
+                    log.warning(
+                        "publisher: %d wake-ups pending, dropping; the relay sweep will re-send",
+                        self.max_pending,
+                    )
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until everything queued so far was sent or dropped; False on timeout."""
+        deadline = time.monotonic() + timeout
+        pending = self._pending
+        with pending.all_tasks_done:
+            while pending.unfinished_tasks:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                pending.all_tasks_done.wait(remaining)
+        return True
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Send what is pending (for up to ``timeout``), stop the thread, close the connection."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            thread = self._thread if self._pid == os.getpid() else None
+        if thread is None:
+            return
+        deadline = time.monotonic() + timeout
+        self.flush(timeout)
+        with contextlib.suppress(queue.Full):
+            self._pending.put(_STOP, timeout=max(0.0, deadline - time.monotonic()))
+        thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _ensure_thread(self) -> queue.Queue[Any] | None:
+        with self._lock:
+            if self._pid != os.getpid():
+                # A forked child: the thread did not survive and the connection is the parent's.
+                self._pid = os.getpid()
+                self._pending = queue.Queue(maxsize=self.max_pending)
+                self._thread = None
+                self._connection = None
+            if self._closed:
+                return None
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, args=(self._pending,), name="fleet-publisher", daemon=True
+                )
+                self._thread.start()
+            return self._pending
+
+    def _run(self, pending: queue.Queue[Any]) -> None:
+        try:
+            while True:
+                item = pending.get()
+                try:
+                    if item is _STOP:
+                        return
+                    self._send(item)
+                finally:
+                    pending.task_done()
+        finally:
+            self._release_connection()
+            # Anything left after close() was never sent.
+            while True:
+                try:
+                    pending.get_nowait()
+                except queue.Empty:
+                    break
+                with self._lock:
+                    self.dropped += 1
+                pending.task_done()
+
+    def _send(self, item: Publish) -> None:
+        if time.monotonic() < self._down_until:
+            with self._lock:
+                self.dropped += 1
+            return
+        name = queue_name(item)
+        try:
+            if self._connection is None:
+                # max_retries=0: fail at the first refused connect instead of retrying for
+                # broker_connection_timeout; the relay is the retry.
+                self._connection = self.app.connection_for_write(
+                    transport_options={"max_retries": 0}
+                )
+            self.app.send_task(
+                DISPATCH_TASK,
+                args=[item.task_id],
+                queue=wake_queue(name),
+                connection=self._connection,
+                retry=False,
+                ignore_result=True,
+                add_to_parent=False,
+            )
+        except Exception as exc:
+            self._release_connection()
+            self._down_until = time.monotonic() + self.cooldown_secs
+            with self._lock:
+                self.dropped += 1
+                first, self._outage = not self._outage, True
+            if first:
+                log.warning(
+                    "publisher: cannot send the wake-up of %s to %s (%s); dropping wake-ups "
+                    "until the broker answers, the relay sweep will re-send them",
+                    item.task_id,
+                    name,
+                    exc,
+                )
+            return
+        with self._lock:
+            self.sent += 1
+            recovered, self._outage = self._outage, False
+            self._full_warned = False
+        if recovered:
+            log.info("publisher: the broker answers again")
+
+    def _release_connection(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is None:
+            return
+        try:
+            connection.release()
+        except Exception:  # a broken connection may fail to close; it is dropped either way
+            log.debug("publisher: error closing the broker connection", exc_info=True)

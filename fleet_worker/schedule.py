@@ -1,0 +1,41 @@
+"""Beat entries as data: what runs periodically, how often, and when a late message expires."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fleet_common.settings import Settings
+from fleet_common.sweeps import SWEEPS
+
+#: The queue ``fleet beat`` (and later every ``fleet worker``) consumes for the sweeps.
+SWEEPS_QUEUE = "fleet.sweeps"
+
+SWEEP_PREFIX = "fleet.sweep."
+RELAY_TASK = "fleet.sweep.relay"
+BROKER_FILES_TASK = "fleet.sweep.broker_files"
+
+
+def sweep_task_name(sweep: str) -> str:
+    """The Celery task name of a ``fleet_common.sweeps.SWEEPS`` entry: ``fleet.sweep.<key>``."""
+    return SWEEP_PREFIX + sweep
+
+
+def _entry(task: str, every: float, expires: float) -> dict[str, Any]:
+    # expires: a message older than this is dropped by the worker, so a backlog of beat
+    # messages (beat ran while no worker did) collapses instead of running the sweep N times.
+    return {
+        "task": task,
+        "schedule": float(every),
+        "options": {"expires": float(expires), "queue": SWEEPS_QUEUE},
+    }
+
+
+def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
+    """The ``beat_schedule`` of ``settings``: every sweep and the relay each
+    ``orchestrator.sweep_interval_secs``; the broker's file cleanup on the filesystem broker."""
+    every = settings.orchestrator.sweep_interval_secs
+    entries = {f"sweep-{key}": _entry(sweep_task_name(key), every, every) for key in SWEEPS}
+    entries["sweep-relay"] = _entry(RELAY_TASK, every, every)
+    if settings.broker_url.startswith("filesystem:"):
+        entries["sweep-broker-files"] = _entry(BROKER_FILES_TASK, 60, 60)
+    return entries
