@@ -1,37 +1,30 @@
-"""Run one claimed task attempt on a worker: plan it, stream its log into the database, stop it
-when it is cancelled or its lease is lost, and report the outcome — every write fenced by the
-attempt's lease token."""
+"""Run one claimed task attempt: plan it, stream its log, stop it when it is cancelled or its
+lease is lost, and report the outcome. Where reports go is a :class:`Reporter`: the database
+for a Celery worker (``fleet_worker.db_reporter``), HTTP for the pull daemon
+(``fleet_worker.pull_agent.reporter``). Every report carries the attempt's lease token."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from fleet_common.db import Database, utcnow
-from fleet_common.errors import FleetError, NotFound, StaleLease
-from fleet_common.settings import AgentTypeSettings, HostSettings, Settings
-from fleet_common.tasks import lease, logs
-from fleet_common.tasks.models import Task
-from fleet_common.tasks.state import Reason
+from fleet_common.settings import AgentTypeSettings, HostSettings, OrchestratorSettings
 from fleet_worker.executors.base import Executor, ExecutorError, RunResult
-from fleet_worker.outcome import outcome_of
+from fleet_worker.outcome import Outcome, outcome_of
 from fleet_worker.redaction import Redactor
 from fleet_worker.workspace import plan_run
 
 log = logging.getLogger("fleet.worker")
 
-FLUSH_SECS = 0.5  # the log in the database is at most this far behind the agent
 FLUSH_BYTES = 65_536
-CHECK_SECS = 1.0  # how often a silent run asks the database whether it was cancelled
 
 
 @dataclass(frozen=True)
 class Attempt:
-    """What a worker needs of a claim, copied out of the claiming transaction."""
+    """What a runner needs of a claim."""
 
     task_id: str
     agent_id: str
@@ -43,21 +36,23 @@ class Attempt:
     timeout_secs: int
 
     @classmethod
-    def of(cls, task: Task, lease_token: str) -> Attempt:
+    def of(cls, task: Any, lease_token: str, agent_id: str = "") -> Attempt:
+        """From a Task row or the dequeue reply's task dict."""
+        get = task.get if isinstance(task, dict) else lambda k: getattr(task, k, None)
         return cls(
-            task.id,
-            task.agent_id or "",
+            str(get("id")),
+            agent_id or str(get("agent_id") or ""),
             lease_token,
-            task.attempt,
-            task.prompt or "",
-            task.repo or "",
-            task.clone_url or "",
-            task.timeout_secs,
+            int(get("attempt") or 1),
+            get("prompt") or "",
+            get("repo") or "",
+            get("clone_url") or "",
+            int(get("timeout_secs") or 1800),
         )
 
 
 class Control:
-    """How the rest of the worker stops a running attempt (cancel, lost lease, shutdown)."""
+    """How the rest of the process stops a running attempt (cancel, lost lease, shutdown)."""
 
     def __init__(self) -> None:
         self._stop = threading.Event()
@@ -72,26 +67,42 @@ class Control:
         return self._stop.is_set()
 
 
+class Reporter(Protocol):
+    """Where an attempt reports. ``start``/``log``/``check`` return False when the attempt
+    must stop (the task was cancelled or the lease is no longer ours)."""
+
+    flush_secs: float  # the stored log is at most this far behind the agent
+    check_secs: float  # a silent run asks at least this often whether to stop
+
+    def start(self) -> bool: ...
+
+    def log(self, seq: int, text: str) -> bool: ...
+
+    def check(self) -> bool: ...
+
+    def finish(self, outcome: Outcome) -> None: ...
+
+
 class AttemptRun:
     """One attempt from start to report."""
 
     def __init__(
         self,
-        db: Database,
-        settings: Settings,
+        orchestrator: OrchestratorSettings,
         host: HostSettings,
         agent_type: AgentTypeSettings,
         executor: Executor,
         attempt: Attempt,
         control: Control,
+        reporter: Reporter,
     ) -> None:
-        self.db = db
-        self.settings = settings
+        self.orchestrator = orchestrator
         self.host = host
         self.agent_type = agent_type
         self.executor = executor
         self.attempt = attempt
         self.control = control
+        self.reporter = reporter
         self._buffer = bytearray()
         self._seq = 0
         self._last_flush = self._last_check = time.monotonic()
@@ -100,12 +111,10 @@ class AttemptRun:
     def run(self) -> None:
         """Run the attempt and report it; never raises for a task-level failure."""
         a = self.attempt
-        if not self._fenced(
-            lambda s, held: lease.report_status(s, held, "running", None, now=utcnow())
-        ):
+        if not self.reporter.start():
             return
-        orch = self.settings.orchestrator
         timeout = min(a.timeout_secs, self.agent_type.timeout_secs or a.timeout_secs)
+        orch = self.orchestrator
         try:
             spec = plan_run(
                 self.host,
@@ -120,113 +129,36 @@ class AttemptRun:
             result = self.executor.run(spec, self._output, self._should_cancel)
         except ExecutorError as error:
             result = RunResult(None, error=f"connection_lost: {error}")
-        except Exception as error:  # a bug or a bad template must fail the attempt, not hang it
+        except Exception as error:  # a bug or a bad template fails the attempt, never hangs it
             log.exception("attempt %s of %s crashed", a.attempt, a.task_id)
             result = RunResult(None, error=f"worker_error: {error}")
         self._flush()
-        self._report(result)
-
-    # -- output -------------------------------------------------------------------------
+        self.reporter.finish(outcome_of(result, stopping=self.control.stopping_worker))
+        log.info("task %s attempt %s: %s", a.task_id, a.attempt, result.failure or "succeeded")
 
     def _output(self, chunk: bytes) -> None:
         with self._lock:
             self._buffer += chunk
-        if len(self._buffer) >= FLUSH_BYTES or time.monotonic() - self._last_flush >= FLUSH_SECS:
+            due = len(self._buffer) >= FLUSH_BYTES
+        if due or time.monotonic() - self._last_flush >= self.reporter.flush_secs:
             self._flush()
 
     def _flush(self) -> None:
         with self._lock:
             data, self._buffer = bytes(self._buffer), bytearray()
         self._last_flush = self._last_check = time.monotonic()
-        if not data:
-            self._check()
-            return
-        text = data.decode("utf-8", "replace")
-        seq = self._seq
-        self._seq += 1
-        max_bytes = self.settings.orchestrator.max_log_bytes
-        self._fenced(
-            lambda s, held: logs.append(s, held.task, seq, text, max_bytes=max_bytes, now=utcnow())
-        )
-
-    # -- cancel -------------------------------------------------------------------------
+        if data:
+            ok = self.reporter.log(self._seq, data.decode("utf-8", "replace"))
+            self._seq += 1
+        else:
+            ok = self.reporter.check()
+        if not ok:
+            self.control.stop()
 
     def _should_cancel(self) -> bool:
         now = time.monotonic()
-        if self._buffer and now - self._last_flush >= FLUSH_SECS:
+        if (self._buffer and now - self._last_flush >= self.reporter.flush_secs) or (
+            now - self._last_check >= self.reporter.check_secs
+        ):
             self._flush()
-        elif now - self._last_check >= CHECK_SECS:
-            self._last_check = now
-            self._check()
         return self.control.stopped
-
-    def _check(self) -> None:
-        self._fenced(lambda s, held: None)
-
-    def _fenced(self, action: Callable[[Any, lease.Held], Any]) -> bool:
-        """Run ``action`` under the attempt's lease (renewing it); stop the run and return False
-        when the task was cancelled or the lease is no longer ours."""
-        a = self.attempt
-        try:
-            with self.db.session() as session:
-                held = lease.held_task(session, a.task_id, a.agent_id, a.lease_token, now=utcnow())
-                if held.cancelled:
-                    self.control.stop()
-                    return False
-                action(session, held)
-                lease.renew(held.task, self.settings.orchestrator, utcnow())
-            return True
-        except (StaleLease, NotFound):
-            log.info("task %s: lease lost, stopping attempt %s", a.task_id, a.attempt)
-            self.control.stop()
-            return False
-        except FleetError as error:
-            log.warning("task %s: %s", a.task_id, error)
-            return False
-        except Exception:
-            # The database is down: keep running; the lease sweep decides if this takes too long.
-            log.warning("task %s: database unavailable, will retry", a.task_id, exc_info=True)
-            return True
-
-    # -- report -------------------------------------------------------------------------
-
-    def _report(self, result: RunResult) -> None:
-        outcome = outcome_of(result, stopping=self.control.stopping_worker)
-        orch = self.settings.orchestrator
-        if outcome.kind == "complete":
-            self._final(lambda s, held: lease.complete(s, orch, held, outcome.receipt or {}))
-        elif outcome.kind == "fail":
-            reason = Reason(outcome.reason or Reason.EXIT_CODE)
-            self._final(
-                lambda s, held: lease.fail(
-                    s, orch, held, outcome.error or str(reason), reason=reason
-                )
-            )
-        log.info(
-            "task %s attempt %s: %s",
-            self.attempt.task_id,
-            self.attempt.attempt,
-            result.failure or "succeeded",
-        )
-
-    def _final(self, action: Callable[[Any, lease.Held], Any]) -> None:
-        """The report must not be lost to a short database outage: retry it for a while."""
-        deadline = time.monotonic() + self.settings.orchestrator.lease_secs
-        a = self.attempt
-        while True:
-            try:
-                with self.db.session() as session:
-                    held = lease.held_task(
-                        session, a.task_id, a.agent_id, a.lease_token, now=utcnow()
-                    )
-                    if not held.cancelled:
-                        action(session, held)
-                return
-            except FleetError as error:
-                log.info("task %s: report refused: %s", a.task_id, error)
-                return
-            except Exception:
-                if time.monotonic() > deadline:
-                    log.exception("task %s: could not report; the lease sweep will", a.task_id)
-                    return
-                time.sleep(1.0)

@@ -22,6 +22,7 @@ from fleet_common.dispatch.routing import agent_queue, queue_for_key, servable_k
 from fleet_common.settings import AgentSlotSettings, HostSettings, Settings
 from fleet_common.tasks.state import Reason
 from fleet_worker.attempt import Attempt, AttemptRun, Control
+from fleet_worker.db_reporter import DbReporter
 from fleet_worker.executors import make_executor
 from fleet_worker.executors.base import Executor
 
@@ -169,9 +170,9 @@ class HostWorker:
             control.stop(worker_shutdown=True)
         try:
             agent_type = self.settings.agent_types[slot.config.agent_type]
-            AttemptRun(
-                self.db, self.settings, self.host, agent_type, self.executor, attempt, control
-            ).run()
+            orch = self.settings.orchestrator
+            reporter = DbReporter(self.db, orch, attempt)
+            AttemptRun(orch, self.host, agent_type, self.executor, attempt, control, reporter).run()
         finally:
             with self._lock:
                 slot.running.pop(attempt.task_id, None)

@@ -1,0 +1,95 @@
+"""A Celery worker's reporter: writes go straight to the database, fenced by the lease."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from fleet_common.db import Database, utcnow
+from fleet_common.errors import FleetError, NotFound, StaleLease
+from fleet_common.settings import OrchestratorSettings
+from fleet_common.tasks import lease, logs
+from fleet_common.tasks.state import Reason
+from fleet_worker.attempt import Attempt
+from fleet_worker.outcome import Outcome
+
+log = logging.getLogger("fleet.worker")
+
+
+class DbReporter:
+    flush_secs = 0.5
+    check_secs = 1.0
+
+    def __init__(self, db: Database, orchestrator: OrchestratorSettings, attempt: Attempt) -> None:
+        self.db = db
+        self.orchestrator = orchestrator
+        self.attempt = attempt
+
+    def start(self) -> bool:
+        return self._fenced(
+            lambda s, held: lease.report_status(s, held, "running", None, now=utcnow())
+        )
+
+    def log(self, seq: int, text: str) -> bool:
+        limit = self.orchestrator.max_log_bytes
+        return self._fenced(
+            lambda s, held: logs.append(s, held.task, seq, text, max_bytes=limit, now=utcnow())
+        )
+
+    def check(self) -> bool:
+        return self._fenced(lambda s, held: None)
+
+    def _fenced(self, action: Callable[[Any, lease.Held], Any]) -> bool:
+        """Run ``action`` under the lease (renewing it); False when the task was cancelled or
+        the lease is no longer ours. A database outage is not a reason to stop the agent."""
+        a = self.attempt
+        try:
+            with self.db.session() as session:
+                held = lease.held_task(session, a.task_id, a.agent_id, a.lease_token, now=utcnow())
+                if held.cancelled:
+                    return False
+                action(session, held)
+                lease.renew(held.task, self.orchestrator, utcnow())
+            return True
+        except (StaleLease, NotFound):
+            log.info("task %s: lease lost; stopping attempt %s", a.task_id, a.attempt)
+            return False
+        except FleetError as error:
+            log.warning("task %s: %s", a.task_id, error)
+            return True
+        except Exception:
+            log.warning("task %s: database unavailable; will retry", a.task_id, exc_info=True)
+            return True
+
+    def finish(self, outcome: Outcome) -> None:
+        """Report the outcome; retried through a short database outage (the lease sweep acts
+        if it lasts longer)."""
+        if outcome.kind == "none":
+            return
+        orch = self.orchestrator
+        a = self.attempt
+        deadline = time.monotonic() + orch.lease_secs
+        while True:
+            try:
+                with self.db.session() as session:
+                    held = lease.held_task(
+                        session, a.task_id, a.agent_id, a.lease_token, now=utcnow()
+                    )
+                    if held.cancelled:
+                        return
+                    if outcome.kind == "complete":
+                        lease.complete(session, orch, held, outcome.receipt or {"exit_code": 0})
+                    else:
+                        reason = Reason(outcome.reason or Reason.EXIT_CODE)
+                        lease.fail(session, orch, held, outcome.error or reason, reason=reason)
+                return
+            except FleetError as error:
+                log.info("task %s: report refused: %s", a.task_id, error)
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    log.exception("task %s: could not report; the lease sweep will", a.task_id)
+                    return
+                time.sleep(1.0)
