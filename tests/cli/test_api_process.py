@@ -1,0 +1,101 @@
+"""``fleet api`` as people run it: migrations first, then gunicorn with threaded workers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+import fleet_api
+from tests.cli.conftest import invoke
+
+REPO = Path(fleet_api.__path__[0]).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def api_process(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    port = _free_port()
+    env = {
+        **os.environ,
+        "FLEET_DATABASE_URL": f"sqlite:///{tmp_path / 'fleet.db'}",
+        "FLEET_ORCHESTRATOR_STATE_DIR": str(tmp_path / "state"),
+    }
+    command = "from fleet_api.cli import main; main()"
+    process = subprocess.Popen(
+        [sys.executable, "-c", command, "api", "--port", str(port), "--workers", "1"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if requests.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"fleet api did not start: {process.stderr.read()}")  # type: ignore[union-attr]
+            time.sleep(0.1)
+        yield url, env
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def test_fleet_api_migrates_serves_and_long_polls_block_nothing(
+    api_process: tuple[str, dict[str, str]],
+) -> None:
+    url, env = api_process
+    cli_env = {"FLEET_DATABASE_URL": env["FLEET_DATABASE_URL"], "FLEET_SERVER": url}
+    token = invoke("admin-token", "create", "--name", "t", env=cli_env).stdout.strip()
+    cli_env["FLEET_TOKEN"] = token
+
+    join = invoke("join-token", "create", env=cli_env).stdout.strip()
+    agent_token = requests.post(
+        f"{url}/api/v1/agents/register",
+        json={"join_token": join, "name": "poller", "host_uid": uuid.uuid4().hex},
+        timeout=5,
+    ).json()["agent_token"]
+
+    def long_poll() -> None:
+        requests.post(
+            f"{url}/api/v1/tasks/dequeue",
+            json={"wait_secs": 2},
+            headers={"Authorization": f"Bearer {agent_token}"},
+            timeout=10,
+        )
+
+    poller = threading.Thread(target=long_poll)
+    poller.start()
+    time.sleep(0.2)
+    started = time.monotonic()
+    listed = invoke("agents", "list", env=cli_env)
+    elapsed = time.monotonic() - started
+    poller.join()
+    assert listed.exit_code == 0, listed.stderr
+    assert "poller" in listed.stdout
+    assert elapsed < 2, "a waiting long-poll blocked another request"
