@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from fleet_api.cli import agents, db, events, processes, tasks, tokens
+from fleet_api.cli import agent, agents, db, events, processes, stack, tasks, tokens
 from fleet_api.cli.context import DEFAULT_SERVER, CliState
 from fleet_api.cli.errors import ExitCode
 
@@ -54,8 +54,12 @@ def main(ctx: click.Context, server: str, token: str | None, config: str | None)
 
 
 for command in (
+    stack.up_command,
     processes.api_command,
+    stack.worker_command,
     processes.beat_command,
+    stack.flower_command,
+    agent.agent_group,
     db.db_group,
     tokens.admin_token,
     tokens.join_token,
