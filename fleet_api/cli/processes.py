@@ -89,11 +89,19 @@ def api_command(
 
 
 @click.command("beat")
+@click.option(
+    "--loglevel",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    default="INFO",
+    show_default=True,
+)
 @config_option
 @pass_state
-def beat_command(state: CliState, config: str | None) -> None:
+def beat_command(state: CliState, loglevel: str, config: str | None) -> None:
     """Run Celery beat: the heartbeat, timeout, lease, relay and reconcile sweeps."""
     settings = state.settings(config)
     from fleet_worker.celery_app import run_beat
 
-    run_beat(settings)
+    code = run_beat(settings, loglevel=loglevel.upper())
+    if code:
+        raise click.exceptions.Exit(code)

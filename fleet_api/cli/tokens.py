@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import click
@@ -10,7 +11,7 @@ import click
 from fleet_api.cli.context import TOKEN_FILE, CliState, config_option, pass_state
 from fleet_api.cli.db import session_scope
 from fleet_api.cli.errors import CliError
-from fleet_api.cli.output import column, info, json_option, print_json, print_table
+from fleet_api.cli.output import Column, column, info, json_option, print_json, print_table
 from fleet_common.auth import service
 from fleet_common.auth.models import TokenKind
 
@@ -32,7 +33,7 @@ JOIN_TOKEN_COLUMNS = (
 )
 
 
-def _list(state: CliState, path: str, columns: tuple, as_json: bool) -> None:
+def _list(state: CliState, path: str, columns: Sequence[Column], as_json: bool) -> None:
     items = state.client().get_all(path)
     if as_json:
         print_json(items)

@@ -176,6 +176,21 @@ def test_logs_follow_prints_output_as_it_arrives_until_the_task_ends(server: Ser
     assert result.stdout == "start\nend\n"
 
 
+def test_ctrl_c_while_following_exits_130(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    agent = PullAgent(server, [])
+    task_id, lease = agent.take("Never ends")
+    agent.call(f"/tasks/{task_id}/logs", {"lease_token": lease, "seq": 0, "data": "so far\n"})
+
+    def interrupt(_secs: float) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("fleet_api.cli.tasks.time.sleep", interrupt)
+    result = server.cli("task", "logs", task_id, "--follow")
+    assert result.exit_code == ExitCode.INTERRUPTED
+    assert result.stdout == "so far\n"
+    assert "Traceback" not in result.output
+
+
 def test_join_tokens_create_list_revoke(server: Server) -> None:
     created = server.cli("join-token", "create", "--ttl", "120")
     assert created.exit_code == 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 
+import pytest
+
 from fleet_api.cli.client import field_errors
 from fleet_api.cli.output import Column, ago, cell, column, print_table
 
@@ -27,10 +29,10 @@ def test_cells() -> None:
     assert cell("two\nlines") == "two lines"
 
 
-def test_table_columns_are_aligned(capsys: object) -> None:
-    rows = [{"id": "a", "name": "short"}, {"id": "bbbb", "name": None}]
+def test_table_columns_are_aligned(capsys: pytest.CaptureFixture[str]) -> None:
+    rows: list[dict[str, str | None]] = [{"id": "a", "name": "short"}, {"id": "bbbb", "name": None}]
     print_table(rows, [column("id"), Column("NAME", lambda r: r.get("name"))])
-    out = capsys.readouterr().out.splitlines()  # type: ignore[attr-defined]
+    out = capsys.readouterr().out.splitlines()
     assert out == ["ID    NAME", "a     short", "bbbb  -"]
 
 
