@@ -86,7 +86,14 @@ class ApiClient:
             ) from None
         if reply.status_code >= 400:
             raise api_error(reply)
-        return Response(reply.status_code, _body(reply), reply.headers)
+        body = _body(reply)
+        if body is None and reply.content:
+            raise CliError(
+                f"{self.server} answered {method} {path} with something other than JSON: "
+                "is it a Fleet API server?",
+                ExitCode.GENERAL,
+            )
+        return Response(reply.status_code, body, reply.headers)
 
     def get(self, path: str, **params: Any) -> Response:
         return self.request("GET", path, params=params)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import socket
 import stat
+import threading
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select, update
+from werkzeug.serving import make_server
 
 from fleet_api.cli.errors import ExitCode
 from fleet_common.auth import service as auth
@@ -144,6 +147,23 @@ def test_bad_server_url_is_a_usage_error() -> None:
     result = invoke("--server", "fleet.example.com", "--token", "fla_x", "task", "list")
     assert result.exit_code == ExitCode.USAGE
     assert "invalid server URL" in result.stderr
+
+
+def test_a_server_that_is_not_fleet_is_an_error_not_a_traceback() -> None:
+    def not_fleet(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/html")])
+        return [b"<html>hello</html>"]
+
+    http = make_server("127.0.0.1", 0, not_fleet)
+    thread = threading.Thread(target=http.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{http.server_port}"
+        result = invoke("--server", url, "--token", "fla_x", "task", "submit", "x")
+    finally:
+        http.shutdown()
+    assert result.exit_code == ExitCode.GENERAL
+    assert "something other than JSON" in result.stderr
 
 
 def test_submit_refuses_two_prompts() -> None:
