@@ -1,0 +1,1 @@
+"""Fakes of the services Fleet does not own (network edges only)."""
