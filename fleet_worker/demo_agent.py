@@ -76,7 +76,7 @@ def run(prompt_file: str) -> int:
         "cost_usd": 0,
     }
     if _is_git_repo(workspace):
-        branch = _git(workspace, "rev-parse", "--abbrev-ref", "HEAD")
+        branch = _git(workspace, "symbolic-ref", "--short", "HEAD")  # works on an unborn branch
         _git(workspace, "add", "--", DEMO_FILE)
         _git(workspace, "commit", "--quiet", "-m", f"fleet demo: {title[:60]}")
         receipt["branch"] = branch

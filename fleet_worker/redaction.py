@@ -26,7 +26,7 @@ BUILTIN_PATTERNS: tuple[str, ...] = (
     # HTTP authorization headers: keep the scheme, hide the credential.
     r"(?i:authorization:\s*(?:bearer|basic|token)\s+)(?P<secret>[^\s'\"]+)",
     # Credentials in URLs: https://user:password@host, https://token@host.
-    r"(?i:[a-z][a-z0-9+.-]*://)(?P<secret>[^/\s@'\"]+)@",
+    r"(?i:\b[a-z][a-z0-9+.-]{0,15}://)(?P<secret>[^/\s@'\"]{1,1024})@",
 )
 
 DEFAULT_HOLD = 256

@@ -8,6 +8,7 @@ SIGKILL) and the task run (workspace steps, the agent, hooks, receipt, cleanup).
 
 from __future__ import annotations
 
+import shlex
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -324,7 +325,7 @@ class _Attempt:
             failed = self.step(step)
             if failed is not None:
                 return self.finish(failed)
-        self.note(f"running {spec.argv[0]}")
+        self.note(f"agent: {shlex.join(spec.argv)}")
         agent = self.executor.execute(
             spec.argv,
             on_output=self.sink,
@@ -363,7 +364,7 @@ class _Attempt:
             except OSError as exc:
                 return RunResult(None, error=f"{step.name}_failed: {exc}")
             return None
-        self.note(f"{step.name}: {' '.join(step.argv)}")
+        self.note(f"{step.name}: {shlex.join(step.argv)}")
         res = self.executor.execute(
             step.argv,
             on_output=self.sink,
