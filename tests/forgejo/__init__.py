@@ -1,0 +1,1 @@
+"""Forgejo building blocks: signatures, events, references, client, and the fake itself."""
