@@ -22,20 +22,20 @@ class Output:
 
     chunks: list[bytes] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
-    triggers: list[tuple[bytes, Callable[[], None]]] = field(default_factory=list)
+    triggers: list[tuple[tuple[bytes, ...], Callable[[], None]]] = field(default_factory=list)
 
     def __call__(self, chunk: bytes) -> None:
         with self.lock:
             self.chunks.append(chunk)
             data = b"".join(self.chunks)
-        for marker, action in list(self.triggers):
-            if marker in data:
-                self.triggers.remove((marker, action))
+        for markers, action in list(self.triggers):
+            if all(marker in data for marker in markers):
+                self.triggers.remove((markers, action))
                 action()
 
-    def when(self, marker: bytes, action: Callable[[], None]) -> None:
-        """Call ``action`` (once) as soon as ``marker`` has appeared in the output."""
-        self.triggers.append((marker, action))
+    def when(self, markers: bytes | tuple[bytes, ...], action: Callable[[], None]) -> None:
+        """Call ``action`` (once) as soon as all ``markers`` have appeared in the output."""
+        self.triggers.append((markers if isinstance(markers, tuple) else (markers,), action))
 
     @property
     def text(self) -> str:
@@ -79,6 +79,11 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10.0, what: str =
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout} s waiting for {what or condition}")
         time.sleep(0.02)
+
+
+# Prints the pids of a child and a grandchild (TREE_READY once both are out), then waits.
+TREE = 'sh -c "sleep 300 & echo grandchild=\\$!; wait" & echo child=$!; wait'
+TREE_READY = (b"child=", b"grandchild=")
 
 
 def git(*args: str, cwd: Path | None = None) -> str:

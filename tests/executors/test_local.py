@@ -12,15 +12,12 @@ import threading
 import time
 from pathlib import Path
 
-from exec_helpers import CancelFlag, Output, agent, pid_alive, wait_until
+from exec_helpers import TREE, TREE_READY, CancelFlag, Output, agent, pid_alive, wait_until
 
 from fleet_common.settings import HostSettings
 from fleet_worker.executors.base import ExecResult, _supervise
 from fleet_worker.executors.local import LocalExecutor
 from fleet_worker.workspace import plan_run
-
-# Prints the pids of a child and a grandchild, then waits for them forever.
-TREE = 'sh -c "sleep 300 & echo grandchild=\\$!; wait" & echo child=$!; echo ready; wait'
 
 
 def test_output_streams_while_the_process_runs(tmp_path: Path) -> None:
@@ -90,7 +87,7 @@ def test_timeout_kills_the_whole_tree() -> None:
 def test_cancel_stops_a_process_that_ignores_sigterm_within_5_seconds() -> None:
     cancel = CancelFlag()
     out = Output()
-    out.when(b"ready", cancel.set)
+    out.when(TREE_READY, cancel.set)
     script = f"trap '' TERM; {TREE}"
     result = LocalExecutor().execute(
         ["sh", "-c", script], on_output=out, should_cancel=cancel, timeout_secs=60

@@ -1,0 +1,332 @@
+"""SSH transport: paramiko with key auth, verified host keys and one reused connection per host.
+
+Every command runs under a small POSIX ``sh`` wrapper on the remote host (Linux: it needs
+``setsid``)::
+
+    sh -c WRAPPER fleet-run CWD [env K=V ...] ARGV...
+
+The wrapper starts the command with ``setsid`` (a new session whose process group is the whole
+agent tree), reports that group's id on the channel's stderr, and keeps a watchdog reading the
+channel's stdin. When the connection drops (or Fleet sends EOF), the watchdog sends SIGTERM to
+the group and SIGKILL two seconds later, so a remote agent never outlives its connection. On
+timeout or cancel Fleet also signals the group over a second channel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shlex
+import threading
+from collections.abc import Mapping, Sequence
+from typing import NoReturn
+
+import paramiko
+
+from fleet_common.settings import HostSettings
+from fleet_worker.executors.base import Executor, ExecutorError, HostKeyError, ProcessHandle
+
+_WRAPPER = """exec 3<&0
+if [ -n "$1" ]; then cd -- "$1" || exit 125; fi
+shift
+setsid "$@" </dev/null 3<&- 2>&1 &
+p=$!
+echo "fleet-pgid $p" >&2
+( cat >/dev/null; kill -TERM -"$p"; sleep 2; kill -KILL -"$p" ) <&3 >/dev/null 2>&1 3<&- &
+w=$!
+exec 3<&-
+wait "$p"
+rc=$?
+kill "$w" 2>/dev/null
+kill -KILL -"$p" 2>/dev/null
+exit "$rc"
+"""
+_PGID_LINE = re.compile(rb"fleet-pgid (\d+)\n")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_CONNECT_ERRORS = (paramiko.SSHException, OSError, EOFError)
+
+
+def remote_command(argv: Sequence[str], cwd: str | None, env: Mapping[str, str]) -> str:
+    """The command line sent to the remote login shell, every argument ``shlex.quote``d.
+
+    The environment is passed with ``env K=V ...`` rather than SSH ``setenv`` requests, which
+    sshd drops unless ``AcceptEnv`` allows them.
+    """
+    for name in env:
+        if not _ENV_NAME.fullmatch(name):
+            raise ValueError(f"invalid environment variable name {name!r}")
+    inner = [*(["env", *(f"{k}={v}" for k, v in env.items())] if env else []), *argv]
+    return shlex.join(["sh", "-c", _WRAPPER, "fleet-run", cwd or "", *inner])
+
+
+def _where(host: HostSettings) -> str:
+    return f"{host.ssh_user}@{host.hostname}:{host.ssh_port}"
+
+
+def _known_hosts_path(host: HostSettings) -> str:
+    return os.path.expanduser(host.known_hosts or "~/.ssh/known_hosts")
+
+
+class _RefuseUnknownHostKey(paramiko.MissingHostKeyPolicy):
+    """paramiko's RejectPolicy, with an error that names the host and the known_hosts file."""
+
+    def __init__(self, host: HostSettings) -> None:
+        self._host = host
+
+    def missing_host_key(
+        self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey
+    ) -> NoReturn:
+        known = _known_hosts_path(self._host)
+        raise HostKeyError(
+            f"host {self._host.host_id} ({hostname}) offered an unknown {key.get_name()} host key "
+            f"{key.fingerprint}: it is not in {known}. Add the host's key to {known} "
+            "(ssh-keyscan, checked out of band) or set accept_unknown_host_key = true"
+        )
+
+
+def connect(host: HostSettings) -> paramiko.SSHClient:
+    """Open an authenticated connection to ``host``; raises :class:`ExecutorError`."""
+    client = paramiko.SSHClient()
+    known = _known_hosts_path(host)
+    if host.accept_unknown_host_key and not os.path.exists(known):
+        os.makedirs(os.path.dirname(known) or ".", exist_ok=True)
+        os.close(os.open(known, os.O_WRONLY | os.O_CREAT, 0o600))
+    if os.path.exists(known):
+        # Loaded as "our" keys so that accepted new keys are saved back (trust on first use).
+        client.load_host_keys(known)
+    if host.accept_unknown_host_key:
+        client.set_missing_host_key_policy(paramiko.AutoAddPolicy())  # noqa: S507 - opted in
+    else:
+        client.set_missing_host_key_policy(_RefuseUnknownHostKey(host))
+    try:
+        client.connect(
+            host.hostname,
+            port=host.ssh_port,
+            username=host.ssh_user,
+            key_filename=os.path.expanduser(host.ssh_key_path) if host.ssh_key_path else None,
+            timeout=host.connect_timeout_secs,
+            banner_timeout=host.connect_timeout_secs,
+            auth_timeout=host.connect_timeout_secs,
+            allow_agent=False,
+            look_for_keys=False,
+        )
+    except HostKeyError:
+        client.close()
+        raise
+    except paramiko.BadHostKeyException as exc:
+        client.close()
+        raise HostKeyError(
+            f"host {host.host_id} ({host.hostname}) presented a {exc.key.get_name()} host key "
+            f"{exc.key.fingerprint} that does not match {known}; refusing to connect"
+        ) from None
+    except paramiko.AuthenticationException as exc:
+        client.close()
+        raise ExecutorError(
+            f"SSH authentication to {_where(host)} with key {host.ssh_key_path} failed: {exc}"
+        ) from None
+    except _CONNECT_ERRORS as exc:
+        client.close()
+        raise ExecutorError(f"cannot connect to {_where(host)}: {exc}") from None
+    transport = client.get_transport()
+    if transport is not None and host.keepalive_secs > 0:
+        transport.set_keepalive(host.keepalive_secs)
+    return client
+
+
+class SSHPool:
+    """One live connection per host, shared by threads, reopened when it has died."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._clients: dict[tuple[object, ...], paramiko.SSHClient] = {}
+        self._host_locks: dict[tuple[object, ...], threading.Lock] = {}
+        self.connections_opened = 0
+
+    @staticmethod
+    def _key(host: HostSettings) -> tuple[object, ...]:
+        # The trust settings are part of the key: a connection accepted under a laxer policy
+        # is never handed to a host configured more strictly.
+        return (
+            host.hostname,
+            host.ssh_port,
+            host.ssh_user,
+            host.ssh_key_path,
+            host.known_hosts,
+            host.accept_unknown_host_key,
+        )
+
+    def client(self, host: HostSettings) -> paramiko.SSHClient:
+        """The connection for ``host``, opening one if there is none or it died."""
+        key = self._key(host)
+        with self._lock:
+            host_lock = self._host_locks.setdefault(key, threading.Lock())
+        with host_lock:  # one connect per host at a time; other hosts are not held up
+            client = self._clients.get(key)
+            if client is not None:
+                transport = client.get_transport()
+                if transport is not None and transport.is_active():
+                    return client
+                client.close()
+            client = connect(host)
+            self.connections_opened += 1
+            self._clients[key] = client
+            return client
+
+    def discard(self, host: HostSettings) -> None:
+        """Drop ``host``'s connection (it failed); the next use reconnects."""
+        with self._lock:
+            client = self._clients.pop(self._key(host), None)
+        if client is not None:
+            client.close()
+
+    def close(self) -> None:
+        """Close every connection."""
+        with self._lock:
+            clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            client.close()
+
+
+class _SSHProcess(ProcessHandle):
+    def __init__(self, executor: SSHExecutor, channel: paramiko.Channel) -> None:
+        self._executor = executor
+        self._chan = channel
+        self._pgid: int | None = None
+        self._stderr = b""
+
+    def read(self, timeout: float) -> bytes | None:
+        extra = self._drain_stderr()
+        if extra:
+            return extra
+        self._chan.settimeout(timeout)
+        try:
+            data = self._chan.recv(65_536)
+        except TimeoutError:
+            return self._drain_stderr()
+        if data:
+            return data
+        rest = self._drain_stderr(final=True)  # stdout and stderr end together
+        return rest or None
+
+    def _drain_stderr(self, final: bool = False) -> bytes:
+        while self._chan.recv_stderr_ready():
+            self._stderr += self._chan.recv_stderr(65_536)
+        if self._pgid is None:
+            match = _PGID_LINE.match(self._stderr)
+            if match:
+                self._pgid = int(match.group(1))
+                self._stderr = self._stderr[match.end() :]
+            elif len(self._stderr) < 32 and not final and b"\n" not in self._stderr:
+                return b""  # the id line may still be arriving
+        out, self._stderr = self._stderr, b""
+        return out  # anything else the wrapper printed (e.g. a failed cd) is output
+
+    def wait(self, timeout: float) -> int | None:
+        if not self._chan.status_event.wait(timeout):
+            return None
+        if self._chan.exit_status == -1:  # closed without an exit status: the link broke
+            self.lost = f"connection to {_where(self._executor.host)} lost"
+        return self._chan.exit_status
+
+    def terminate(self) -> None:
+        with contextlib.suppress(*_CONNECT_ERRORS):
+            self._chan.shutdown_write()  # EOF: the remote watchdog stops the group too
+        self._signal("TERM")
+
+    def kill(self) -> None:
+        self._signal("KILL")
+
+    def _signal(self, sig: str) -> None:
+        self._drain_stderr()
+        transport = self._chan.get_transport()
+        if self._pgid is None or transport is None or not transport.is_active():
+            return  # the watchdog sees the EOF (or the dropped connection) and does it
+        command = shlex.join(["sh", "-c", f"kill -{sig} -{self._pgid} 2>/dev/null; true"])
+        try:
+            chan = transport.open_session(timeout=5)
+            try:
+                chan.exec_command(command)
+                chan.status_event.wait(5)
+            finally:
+                chan.close()
+        except _CONNECT_ERRORS:
+            pass
+
+    def close(self) -> None:
+        self._chan.close()
+
+
+class SSHExecutor(Executor):
+    """Runs commands on one SSH host. Keep one per host for the life of the process.
+
+    Without a ``pool`` the executor owns one (closed by :meth:`close`); pass a shared
+    :class:`SSHPool` to share connections between executors.
+    """
+
+    def __init__(self, host: HostSettings, pool: SSHPool | None = None) -> None:
+        self.host = host
+        self._owns_pool = pool is None
+        self.pool = pool or SSHPool()
+
+    def _transport(self) -> paramiko.Transport:
+        transport = self.pool.client(self.host).get_transport()
+        if transport is None:  # pragma: no cover - connect() always leaves one
+            raise ExecutorError(f"no SSH transport to {_where(self.host)}")
+        return transport
+
+    def start(
+        self, argv: Sequence[str], *, cwd: str | None, env: Mapping[str, str]
+    ) -> ProcessHandle:
+        """Start ``argv`` on the host under the wrapper; one retry on a stale connection."""
+        command = remote_command(argv, cwd, env)
+        for attempt in (1, 2):
+            try:
+                channel = self._transport().open_session(timeout=self.host.connect_timeout_secs)
+                channel.exec_command(command)
+                return _SSHProcess(self, channel)
+            except ExecutorError:
+                raise
+            except _CONNECT_ERRORS as exc:
+                self.pool.discard(self.host)
+                if attempt == 2:
+                    raise ExecutorError(
+                        f"cannot run a command on {_where(self.host)}: {exc}"
+                    ) from None
+        raise AssertionError("unreachable")
+
+    def _sftp(self) -> paramiko.SFTPClient:
+        try:
+            return self.pool.client(self.host).open_sftp()
+        except ExecutorError:
+            raise
+        except _CONNECT_ERRORS as exc:
+            self.pool.discard(self.host)
+            raise ExecutorError(f"cannot open SFTP to {_where(self.host)}: {exc}") from None
+
+    def write_file(self, path: str, data: bytes, *, append: bool = False) -> None:
+        """Write ``data`` to ``path`` on the host over SFTP (new files are mode 0600)."""
+        with self._sftp() as sftp:
+            try:
+                with sftp.open(path, "ab" if append else "wb") as fh:
+                    fh.write(data)
+                if not append:
+                    sftp.chmod(path, 0o600)
+            except (paramiko.SSHException, EOFError) as exc:
+                raise ExecutorError(f"SFTP to {_where(self.host)} failed: {exc}") from None
+
+    def read_file(self, path: str, limit: int) -> bytes | None:
+        """At most ``limit`` bytes of ``path`` on the host over SFTP, ``None`` if missing."""
+        with self._sftp() as sftp:
+            try:
+                with sftp.open(path, "rb") as fh:
+                    return fh.read(limit)
+            except FileNotFoundError:
+                return None
+            except (paramiko.SSHException, EOFError) as exc:
+                raise ExecutorError(f"SFTP to {_where(self.host)} failed: {exc}") from None
+
+    def close(self) -> None:
+        """Close the pool if this executor owns it."""
+        if self._owns_pool:
+            self.pool.close()
