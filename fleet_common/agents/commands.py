@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from fleet_common.agents.models import Agent, Command, CommandKind, CommandStatus, DesiredState
@@ -70,6 +70,22 @@ def enqueue(
     return command
 
 
+def _deliverable(agent_id: Any, now: dt.datetime, redeliver_before: dt.datetime | None) -> Any:
+    condition = (
+        (Command.agent_id == agent_id)
+        & (Command.status == CommandStatus.PENDING)
+        & (Command.expires_at > now)
+    )
+    if redeliver_before is not None:
+        condition &= or_(Command.delivered_at.is_(None), Command.delivered_at < redeliver_before)
+    return condition
+
+
+def pending_exists(agent_id: Any, now: dt.datetime) -> Any:
+    """An EXISTS expression: does ``agent_id`` (a value or a column) have pending commands?"""
+    return exists().where(_deliverable(agent_id, now, None)).label("has_pending")
+
+
 def deliver(
     session: Session, settings: OrchestratorSettings, agent_id: str, *, now: dt.datetime
 ) -> list[Command]:
@@ -78,12 +94,7 @@ def deliver(
     redeliver_before = now - dt.timedelta(seconds=settings.lease_secs)
     query = (
         select(Command)
-        .where(
-            Command.agent_id == agent_id,
-            Command.status == CommandStatus.PENDING,
-            Command.expires_at > now,
-            or_(Command.delivered_at.is_(None), Command.delivered_at < redeliver_before),
-        )
+        .where(_deliverable(agent_id, now, redeliver_before))
         .order_by(Command.created_at, Command.id)
         .limit(DELIVERY_BATCH)
         .with_for_update(skip_locked=True)

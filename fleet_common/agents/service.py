@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import String, cast, exc, func, select
+from sqlalchemy import String, cast, exc, func, select, update
 from sqlalchemy.orm import Session
 
 from fleet_common.agents import commands
@@ -174,24 +174,54 @@ def heartbeat(
     *,
     now: dt.datetime | None = None,
 ) -> HeartbeatReply:
-    """Liveness: renew the presented leases, merge metadata, deliver pending commands."""
+    """Liveness: renew the presented leases, merge metadata, deliver pending commands.
+
+    The hot path is one statement: the agent row is updated and returned together with
+    whether any command is waiting, so an idle agent's heartbeat costs a single round trip."""
     now = now or utcnow()
-    agent = get_agent(session, agent_id, for_update=True)
+    agent, has_pending = _touch(session, agent_id, now)
     if metadata:
         agent.meta = {**(agent.meta or {}), **_metadata(metadata)}
-    agent.status = AgentStatus.ONLINE
-    agent.last_heartbeat_at = now
-    agent.updated_at = now
     reply = HeartbeatReply(agent)
+    if presented:
+        _renew_presented(session, settings, agent.id, presented, reply, now)
+    if has_pending:
+        reply.commands = commands.deliver(session, settings, agent.id, now=now)
+    return reply
+
+
+def _touch(session: Session, agent_id: str, now: dt.datetime) -> tuple[Agent, bool]:
+    """Mark the agent online (locking its row) and tell whether commands wait for it."""
+    pending = commands.pending_exists(Agent.id, now)
+    statement = (
+        update(Agent)
+        .where(Agent.id == agent_id, Agent.deleted_at.is_(None))
+        .values(status=AgentStatus.ONLINE, last_heartbeat_at=now, updated_at=now)
+        .returning(Agent, pending)
+        .execution_options(populate_existing=True)
+    )
+    row = session.execute(statement).first()
+    if row is None:
+        raise NotFound(f"no agent {agent_id}")
+    return row[0], bool(row[1])
+
+
+def _renew_presented(
+    session: Session,
+    settings: OrchestratorSettings,
+    agent_id: str,
+    presented: Sequence[dict[str, str]],
+    reply: HeartbeatReply,
+    now: dt.datetime,
+) -> None:
     ids = [item["task_id"] for item in presented]
-    tasks = {
-        t.id: t for t in session.scalars(select(Task).where(Task.id.in_(ids)).with_for_update())
-    }
+    query = select(Task).where(Task.id.in_(ids)).order_by(Task.id).with_for_update()
+    tasks = {t.id: t for t in session.scalars(query)}
     for item in presented:
         task = tasks.get(item["task_id"])
         try:
             held = leases.check(
-                session, task, item["task_id"], agent.id, item["lease_token"], now=now
+                session, task, item["task_id"], agent_id, item["lease_token"], now=now
             )
         except (StaleLease, NotFound):
             reply.stale_task_ids.append(item["task_id"])
@@ -200,8 +230,6 @@ def heartbeat(
             reply.cancelled_task_ids.append(held.task.id)
         else:
             leases.renew(held.task, settings, now)
-    reply.commands = commands.deliver(session, settings, agent.id, now=now)
-    return reply
 
 
 def deregister(

@@ -33,6 +33,7 @@ class Claim:
 
 _PG_CANDIDATES = text(
     """
+    SELECT tasks.* FROM tasks WHERE tasks.id = (
     SELECT c.id FROM (
         SELECT t.id, t.priority, t.created_at FROM unnest(CAST(:keys AS text[])) AS k(key)
         CROSS JOIN LATERAL (
@@ -52,7 +53,7 @@ _PG_CANDIDATES = text(
         ) AS a
     ) AS c
     ORDER BY c.priority DESC, c.created_at, c.id
-    LIMIT 1
+    LIMIT 1)
     """
 )
 
@@ -80,17 +81,25 @@ def claim_next(
 ) -> Claim | None:
     """Claim the best eligible task for ``agent_id`` (queued → dispatched), or None."""
     now = now or utcnow()
-    agent = session.scalars(select(Agent).where(Agent.id == agent_id).with_for_update()).first()
-    if agent is None or not is_eligible(agent):
+    # The agent row is locked and its running attempts counted in one round trip.
+    active = (
+        select(func.count())
+        .where(Task.agent_id == Agent.id, Task.status.in_(ACTIVE))
+        .scalar_subquery()
+    )
+    row = session.execute(
+        select(Agent, active).where(Agent.id == agent_id).with_for_update(of=Agent)
+    ).first()
+    if row is None:
         return None
-    if active_count(session, agent.id) >= agent.max_concurrency:
+    agent, running = row
+    if not is_eligible(agent) or running >= agent.max_concurrency:
         return None
     keys = servable_keys(agent.capabilities, settings.max_requirements)
-    task_id = _candidate(session, keys, agent.id, now)
-    if task_id is None:
+    task = _candidate(session, keys, agent.id, now)
+    if task is None:
         return None
-    task = session.get(Task, task_id)
-    assert task is not None and task.status == TaskStatus.QUEUED
+    assert task.status == TaskStatus.QUEUED
     lease = tokens.new_lease_token()
     expires = now + dt.timedelta(seconds=settings.lease_secs)
     state.transition(
@@ -117,15 +126,16 @@ def claim_next(
     return Claim(task=task, lease_token=lease, expires_at=expires)
 
 
-def _candidate(session: Session, keys: list[str], agent_id: str, now: dt.datetime) -> str | None:
+def _candidate(session: Session, keys: list[str], agent_id: str, now: dt.datetime) -> Task | None:
     if session.get_bind().dialect.name == "postgresql":
-        row = session.execute(_PG_CANDIDATES, {"keys": keys, "agent_id": agent_id, "now": now})
-        return row.scalar()
+        query = select(Task).from_statement(_PG_CANDIDATES)
+        params = {"keys": keys, "agent_id": agent_id, "now": now}
+        return session.scalars(query, params).first()
     eligible = (Task.status == TaskStatus.QUEUED) & (
         Task.not_before.is_(None) | (Task.not_before <= now)
     )
     query = (
-        select(Task.id)
+        select(Task)
         .where(
             eligible,
             ((Task.assigned_agent_id.is_(None)) & Task.req_key.in_(keys))
@@ -134,4 +144,4 @@ def _candidate(session: Session, keys: list[str], agent_id: str, now: dt.datetim
         .order_by(Task.priority.desc(), Task.created_at, Task.id)
         .limit(1)
     )
-    return session.scalar(query)
+    return session.scalars(query).first()
