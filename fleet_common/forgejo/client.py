@@ -152,11 +152,17 @@ class ForgejoClient:
         type: str = "issues",
         page_size: int = MAX_PAGE_SIZE,
     ) -> list[Json]:
-        """All issues matching ``state`` (open/closed/all) and carrying every one of ``labels``."""
+        """All issues in ``state`` (open/closed/all) that carry every one of ``labels``.
+
+        Forgejo drops label names the repository does not have and, when none is left, does
+        not filter at all; the result is filtered here again so that cannot leak through.
+        """
         params: dict[str, Any] = {"state": state, "type": type}
         if labels:
             params["labels"] = ",".join(labels)
-        return list(self._paginate(f"{_repo_path(repo)}/issues", params, page_size))
+        issues = self._paginate(f"{_repo_path(repo)}/issues", params, page_size)
+        wanted = set(labels)
+        return [i for i in issues if wanted <= {lb.get("name") for lb in i.get("labels") or []}]
 
     def edit_issue(self, repo: str, number: int, **fields: Any) -> Json:
         """``PATCH /repos/{o}/{r}/issues/{n}`` with ``EditIssueOption`` fields (answers 201)."""

@@ -67,6 +67,14 @@ _ISSUE_ACTIONS = {
     "label_updated": EventKind.ISSUE_LABEL_UPDATED,
     "label_cleared": EventKind.ISSUE_LABEL_CLEARED,
 }
+_ECHO_KINDS = frozenset(
+    {
+        EventKind.ISSUE_COMMENT,
+        EventKind.PR_COMMENT,
+        EventKind.ISSUE_LABEL_UPDATED,
+        EventKind.ISSUE_LABEL_CLEARED,
+    }
+)
 _PR_ACTIONS = {
     "opened": EventKind.PR_OPENED,
     "edited": EventKind.PR_EDITED,
@@ -145,6 +153,13 @@ class Delivery:
     def ignored(self) -> bool:
         """True when Fleet has nothing to do with this delivery."""
         return self.kind is EventKind.IGNORED
+
+    def is_echo(self, bot_login: str) -> bool:
+        """A comment or label event Fleet's own account caused: the echo of its write-back.
+
+        Pull-request events are never echoes: an agent may open PRs with the bot's account.
+        """
+        return self.kind in _ECHO_KINDS and self.sender_login.lower() == bot_login.lower() != ""
 
 
 def parse_delivery(headers: Mapping[str, str], body: bytes) -> Delivery:

@@ -123,6 +123,25 @@ def closing_issue_numbers(
     return [index for index, action in actions.items() if action == "closes"]
 
 
+def pull_links_task(
+    *,
+    title: str,
+    body: str,
+    head_branch: str | None,
+    repo_full_name: str,
+    issue_number: int | None,
+    task_id: str,
+    server_url: str | None = None,
+) -> bool:
+    """True when a PR belongs to a task: it comes from ``fleet/<task_id>`` or it closes the
+    task's issue (for webhooks and for checking the PR a receipt names)."""
+    if task_id_from_branch(head_branch) == task_id:
+        return True
+    if issue_number is None:
+        return False
+    return issue_number in closing_issue_numbers(title, body, repo_full_name, server_url=server_url)
+
+
 def task_branch(task_id: str) -> str:
     """The branch an agent works on for ``task_id``."""
     return f"{TASK_BRANCH_PREFIX}{task_id}"

@@ -751,7 +751,8 @@ class FakeForgejo:
     def _list_issues(self, request: Request, a: Args) -> Reply:
         r, args = self._repo_of(a), request.args
         state, kind = args.get("state", "open"), args.get("type", "")
-        wanted = {name for name in args.get("labels", "").split(",") if name}
+        known = {lb.name for lb in r.labels.values()}  # Forgejo drops unknown names, and then
+        wanted = {n for n in args.get("labels", "").split(",") if n in known}  # may not filter
         found = []
         for issue in sorted(r.issues.values(), key=lambda i: -i.number):  # newest first
             names = {r.labels[i].name for i in issue.labels}

@@ -61,6 +61,15 @@ def test_list_issues_filters(fake: FakeForgejo, client: ForgejoClient, repo: str
     assert [i["number"] for i in client.list_issues(repo, type="pulls")] == [5]
 
 
+def test_a_label_the_repository_lacks_filters_everything_out(
+    fake: FakeForgejo, client: ForgejoClient, repo: str
+) -> None:
+    fake.add_issue(repo, "unlabelled")
+    raw = client.session.get(f"{fake.api_url}/repos/{repo}/issues", params={"labels": "fleet"})
+    assert len(raw.json()) == 1  # Forgejo ignores an unknown label instead of matching nothing
+    assert client.list_issues(repo, labels=["fleet"]) == []
+
+
 def test_comments(fake: FakeForgejo, client: ForgejoClient, repo: str) -> None:
     number = fake.add_issue(repo, "a")
     created = client.create_issue_comment(repo, number, "Queued <b>&</b>")

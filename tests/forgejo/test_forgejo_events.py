@@ -193,3 +193,22 @@ def test_nulls_and_missing_objects_do_not_break_parsing() -> None:
 def test_a_body_that_is_not_a_json_object_is_invalid(body: bytes) -> None:
     with pytest.raises(InvalidDelivery):
         parse_delivery({"X-Forgejo-Event": "issues"}, body)
+
+
+@pytest.mark.parametrize(
+    ("name", "echo"),
+    [
+        ("issue_comment.created", True),  # the bot's own status comment
+        ("issues.label_updated", True),  # the bot set a status label
+        ("issues.label_cleared", True),
+        ("pull_request.opened", False),  # opened with the bot's account by an agent: real work
+        ("pull_request.synchronized", False),
+        ("issues.opened", False),  # sender alice
+    ],
+)
+def test_echo_guard(name: str, echo: bool) -> None:
+    delivery = parse_delivery(*load_payload(name))
+    assert delivery.is_echo("fleet-bot") is echo
+    assert delivery.is_echo("FLEET-BOT") is echo  # Forgejo logins are case-insensitive
+    assert not delivery.is_echo("someone-else")
+    assert not delivery.is_echo("")

@@ -8,6 +8,7 @@ from fleet_common.forgejo.references import (
     CLOSE_KEYWORDS,
     closing_issue_numbers,
     find_references,
+    pull_links_task,
     strip_markdown,
     task_branch,
     task_id_from_branch,
@@ -212,3 +213,27 @@ def test_task_branch_round_trips_real_ids() -> None:
     task_id = new_id("task")
     assert task_branch(task_id) == f"fleet/{task_id}"
     assert task_id_from_branch(task_branch(task_id)) == task_id
+
+
+@pytest.mark.parametrize(
+    ("body", "head", "issue", "linked"),
+    [
+        ("Closes #12", "agent/x", 12, True),
+        ("Closes #13", "agent/x", 12, False),
+        ("See #12", "agent/x", 12, False),
+        ("", "fleet/tsk_1", 12, True),
+        ("", "refs/heads/fleet/tsk_1", None, True),
+        ("", "fleet/tsk_2", 12, False),
+        ("Closes #12", None, None, False),  # a task without an issue links by branch only
+    ],
+)
+def test_pull_links_task(body: str, head: str | None, issue: int | None, linked: bool) -> None:
+    found = pull_links_task(
+        title="Fix",
+        body=body,
+        head_branch=head,
+        repo_full_name=REPO,
+        issue_number=issue,
+        task_id="tsk_1",
+    )
+    assert found is linked
