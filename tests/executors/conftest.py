@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-try:
-    from tests.sshd import SSHServer, sshd_server
-except ModuleNotFoundError:  # the repository root is not on sys.path (plain `pytest`)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from tests.sshd import SSHServer, sshd_server
-
-from exec_helpers import git
-
 from fleet_common.settings import HostSettings
+from tests.executors.helpers import git
+from tests.sshd import SSHServer, sshd_server
 
 __all__ = ["SSHServer", "sshd_server"]
 

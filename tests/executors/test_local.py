@@ -12,12 +12,19 @@ import threading
 import time
 from pathlib import Path
 
-from exec_helpers import TREE, TREE_READY, CancelFlag, Output, agent, pid_alive, wait_until
-
 from fleet_common.settings import HostSettings
 from fleet_worker.executors.base import ExecResult, _supervise
 from fleet_worker.executors.local import LocalExecutor
 from fleet_worker.workspace import plan_run
+from tests.executors.helpers import (
+    TREE,
+    TREE_READY,
+    CancelFlag,
+    Output,
+    agent,
+    pid_alive,
+    wait_until,
+)
 
 
 def test_output_streams_while_the_process_runs(tmp_path: Path) -> None:

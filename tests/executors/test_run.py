@@ -7,12 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
-from exec_helpers import CancelFlag, Output, agent, demo_agent, git
 
 from fleet_common.settings import HostSettings
 from fleet_worker.executors.local import LocalExecutor
 from fleet_worker.redaction import Redactor
 from fleet_worker.workspace import plan_run
+from tests.executors.helpers import CancelFlag, Output, agent, demo_agent, git
 
 SHOW_WORKSPACE = (
     "sh",

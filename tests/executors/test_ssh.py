@@ -9,7 +9,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from exec_helpers import (
+
+from fleet_worker.executors.base import ExecutorError, HostKeyError
+from fleet_worker.executors.ssh import SSHExecutor
+from fleet_worker.workspace import plan_run
+from tests.executors.helpers import (
     TREE,
     TREE_READY,
     CancelFlag,
@@ -20,10 +24,6 @@ from exec_helpers import (
     pid_alive,
     wait_until,
 )
-
-from fleet_worker.executors.base import ExecutorError, HostKeyError
-from fleet_worker.executors.ssh import SSHExecutor
-from fleet_worker.workspace import plan_run
 from tests.sshd import SSHServer
 
 pytestmark = pytest.mark.sshd

@@ -1,0 +1,1 @@
+"""Executor tests: local subprocesses and a real sshd."""
