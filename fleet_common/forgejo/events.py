@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from fleet_common.forgejo.signatures import header, signed_bytes
+from fleet_common.forgejo.signatures import Headers, header, signed_bytes
 
 EVENT_HEADERS = ("X-Forgejo-Event", "X-Gitea-Event", "X-Gogs-Event", "X-GitHub-Event")
 EVENT_TYPE_HEADERS = ("X-Forgejo-Event-Type", "X-Gitea-Event-Type", "X-GitHub-Event-Type")
@@ -162,7 +162,7 @@ class Delivery:
         return self.kind in _ECHO_KINDS and self.sender_login.lower() == bot_login.lower() != ""
 
 
-def parse_delivery(headers: Mapping[str, str], body: bytes) -> Delivery:
+def parse_delivery(headers: Headers, body: bytes) -> Delivery:
     """Parse ``headers`` and the raw ``body`` of a delivery; raises ``InvalidDelivery``."""
     raw = signed_bytes(body, headers)
     try:
@@ -215,7 +215,7 @@ def classify(event: str, action: str, payload: Mapping[str, Any]) -> EventKind:
     return EventKind.IGNORED
 
 
-def _first(headers: Mapping[str, str], names: tuple[str, ...]) -> str:
+def _first(headers: Headers, names: tuple[str, ...]) -> str:
     for name in names:
         value = header(headers, name).strip()
         if value:

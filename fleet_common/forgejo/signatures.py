@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Mapping
+from collections.abc import Iterable
+from typing import Protocol
 from urllib.parse import parse_qs
 
 # Read in this order; the first non-empty one is checked.
@@ -18,7 +19,15 @@ _HUB_PREFIX = "sha256="
 _FORM_TYPE = "application/x-www-form-urlencoded"
 
 
-def header(headers: Mapping[str, str], name: str) -> str:
+class Headers(Protocol):
+    """What is read from request headers: a ``dict`` or werkzeug's ``Headers`` both fit."""
+
+    def get(self, key: str, /) -> str | None: ...
+
+    def items(self) -> Iterable[tuple[str, str]]: ...
+
+
+def header(headers: Headers, name: str) -> str:
     """Case-insensitive header lookup that works on plain dicts and on werkzeug ``Headers``."""
     value = headers.get(name)
     if value is None:
@@ -45,7 +54,7 @@ def sign(body: bytes, secret: str) -> dict[str, str]:
     }
 
 
-def signed_bytes(body: bytes, headers: Mapping[str, str]) -> bytes:
+def signed_bytes(body: bytes, headers: Headers) -> bytes:
     """The bytes Forgejo signed: the body itself, or the ``payload`` field of a form hook."""
     content_type = header(headers, "Content-Type").split(";", 1)[0].strip().lower()
     if content_type != _FORM_TYPE:
@@ -54,7 +63,7 @@ def signed_bytes(body: bytes, headers: Mapping[str, str]) -> bytes:
     return fields.get("payload", [""])[0].encode()
 
 
-def presented_signature(headers: Mapping[str, str]) -> str:
+def presented_signature(headers: Headers) -> str:
     """The hex signature the sender presented, or ``""`` when there is none."""
     for name in SIGNATURE_HEADERS:
         value = header(headers, name).strip()
@@ -65,7 +74,7 @@ def presented_signature(headers: Mapping[str, str]) -> str:
     return ""
 
 
-def verify(body: bytes, headers: Mapping[str, str], secret: str) -> bool:
+def verify(body: bytes, headers: Headers, secret: str) -> bool:
     """True when the delivery carries a valid signature for ``secret``.
 
     An empty secret refuses everything: an unsigned endpoint would accept anyone's events.

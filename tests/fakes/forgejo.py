@@ -8,7 +8,8 @@ Every endpoint needs ``Authorization: token <t>`` (401 otherwise). Lists paginat
 
 Failure injection: ``fake.fail_mode = "refuse"`` closes the listening socket (connections are
 refused), ``"503"`` answers 503 to everything, ``None`` restores; ``fail_next(n)`` fails only
-the next ``n`` requests. ``delivery(...)`` builds a signed webhook shaped like Forgejo's.
+the next ``n`` requests; ``hang()`` holds every answer until ``release()``.
+``delivery(...)`` builds a signed webhook shaped like Forgejo's.
 """
 
 from __future__ import annotations
@@ -203,6 +204,8 @@ class FakeForgejo:
         self.port = 0
         self._fail_mode: str | None = None
         self._fail_next: list[int] = []
+        self._gate = threading.Event()  # cleared by hang(): requests wait, as on a stuck server
+        self._gate.set()
         self._lock = threading.RLock()
         self._ids = itertools.count(100)
         self._users: dict[str, int] = {}
@@ -241,6 +244,7 @@ class FakeForgejo:
 
     def stop(self) -> None:
         """Close the listening socket: from now on connections are refused."""
+        self.release()
         if self._server is not None and self._thread is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -267,6 +271,14 @@ class FakeForgejo:
         elif self._server is None and self.port:
             self.start()
         self._fail_mode = mode
+
+    def hang(self) -> None:
+        """Accept connections but answer nothing until ``release()`` (for timeouts)."""
+        self._gate.clear()
+
+    def release(self) -> None:
+        """Let held and new requests through again."""
+        self._gate.set()
 
     def fail_next(self, count: int, status: int = 503) -> None:
         """Answer the next ``count`` requests with ``status``, then behave again."""
@@ -603,6 +615,7 @@ class FakeForgejo:
 
     def _wsgi(self, environ: Any, start_response: Any) -> Any:
         request = Request(environ)
+        self._gate.wait(timeout=60)
         with self._lock:
             route, (status, body, headers) = self._dispatch(request)
             self.calls.append(Call(request.method, route, status, body))

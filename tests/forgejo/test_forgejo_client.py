@@ -213,6 +213,16 @@ def test_connection_refused_is_unavailable_quickly(fake: FakeForgejo, repo: str)
         assert api.get_repo(repo)["full_name"] == repo
 
 
+def test_a_hanging_server_times_out_as_unavailable(fake: FakeForgejo, repo: str) -> None:
+    fake.hang()
+    with ForgejoClient(fake.url, fake.token, timeout=0.3, retries=0) as api:
+        started = time.monotonic()
+        with pytest.raises(ForgejoUnavailable):
+            api.get_repo(repo)
+        assert time.monotonic() - started < 3
+    fake.release()
+
+
 def test_base_url_may_include_the_api_path(fake: FakeForgejo) -> None:
     with ForgejoClient(fake.api_url + "/", fake.token) as api:
         assert api.api_url == fake.api_url

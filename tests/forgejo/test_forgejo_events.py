@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import urllib.parse
 
 import pytest
 
@@ -212,3 +213,11 @@ def test_echo_guard(name: str, echo: bool) -> None:
     assert delivery.is_echo("FLEET-BOT") is echo  # Forgejo logins are case-insensitive
     assert not delivery.is_echo("someone-else")
     assert not delivery.is_echo("")
+
+
+def test_a_form_hook_is_parsed_from_its_payload_field() -> None:
+    headers, body = load_payload("issues.opened")
+    form = urllib.parse.urlencode({"payload": body.decode()}).encode()
+    d = parse_delivery({**headers, "Content-Type": "application/x-www-form-urlencoded"}, form)
+    assert d.kind is EventKind.ISSUE_OPENED
+    assert d.digest == hashlib.sha256(body).hexdigest()  # the same delivery as the JSON hook
