@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from celery import Celery
+from celery.app.amqp import AMQP
 
 from fleet_common.settings import Settings
 from fleet_worker.runtime import Runtime
@@ -39,9 +40,19 @@ MIN_VISIBILITY_TIMEOUT_SECS = 3600
 FILESYSTEM_POLLING_INTERVAL_SECS = 0.05
 
 
+class FleetAMQP(AMQP):
+    """Queues Celery creates on demand (``--queues fleet.cap.code:python``) are bound to the
+    default exchange by routing key, like the wake-up queues the publisher declares; Celery's
+    default names an exchange after each queue, and the filesystem transport refuses ``:`` and
+    ``+`` in exchange names."""
+
+    autoexchange = staticmethod(lambda _name: None)
+
+
 class FleetCelery(Celery):
     """A Celery app that carries Fleet's settings and per-process resources."""
 
+    amqp_cls = FleetAMQP
     runtime: Runtime
 
     def __init__(self, *args: Any, fleet_settings: Settings, **kwargs: Any) -> None:

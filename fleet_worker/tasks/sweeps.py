@@ -1,6 +1,7 @@
 """The sweep tasks: one per ``fleet_common.sweeps.SWEEPS`` entry, the relay, and the filesystem
 broker's cleanup. Each is a thin shell around a ``fleet_common`` function, run by beat on the
-``fleet.sweeps`` queue; a message older than one sweep interval expires instead of running late.
+``fleet.sweeps`` queue (the ``task_routes`` of ``make_celery``); a message older than one sweep
+interval expires instead of running late.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from fleet_common.settings import OrchestratorSettings
 from fleet_common.sweeps import SWEEPS, due_for_publish
 from fleet_worker.base import FleetTask
 from fleet_worker.runtime import runtime_of
-from fleet_worker.schedule import BROKER_FILES_TASK, RELAY_TASK, SWEEPS_QUEUE, sweep_task_name
+from fleet_worker.schedule import BROKER_FILES_TASK, RELAY_TASK, sweep_task_name
 
 Sweep = Callable[[Session, OrchestratorSettings, Any], int]
 
@@ -39,7 +40,9 @@ def register(app: Any) -> None:
     options = {
         "base": FleetTask,
         "bind": True,
-        "queue": SWEEPS_QUEUE,
+        # Not shared: a shared task is added to every app finalized later, with this app's
+        # options (interval, expiry) instead of that app's own.
+        "shared": False,
         "expires": float(interval),
         "soft_time_limit": SOFT_TIME_LIMIT_SECS,
         "time_limit": TIME_LIMIT_SECS,

@@ -1,0 +1,171 @@
+"""The publisher: wake-ups reach the broker and stay there until consumed; a down broker never
+blocks or fails the caller, and sending resumes by itself when the broker is back."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fleet_common.settings import Settings, load_settings
+from fleet_common.sweeps import Publish
+from fleet_worker.celery_app import make_celery
+from fleet_worker.publisher import DISPATCH_TASK, Publisher, queue_name, wake_queue
+from tests import services
+from tests.worker.conftest import wait_for
+
+
+def broker_settings(tmp_path: Path, broker_url: str) -> Settings:
+    return load_settings(
+        env={
+            "FLEET_ORCHESTRATOR_STATE_DIR": str(tmp_path / "state"),
+            "FLEET_BROKER_URL": broker_url,
+        }
+    )
+
+
+@contextlib.contextmanager
+def publisher_for(settings: Settings, **options: Any) -> Iterator[Publisher]:
+    publisher = Publisher(make_celery(settings), **options)
+    try:
+        yield publisher
+    finally:
+        publisher.close()
+
+
+def items(count: int) -> list[Publish]:
+    return [Publish(f"tsk_{n}", "code:python", None) for n in range(count)]
+
+
+def take(settings: Settings, name: str) -> Any:
+    """One message from queue ``name`` (waiting a little for it), or fail."""
+    with make_celery(settings).connection_for_read() as connection:
+        bound = wake_queue(name)(connection.default_channel)
+        return wait_for(lambda: bound.get(no_ack=True), timeout=10, what=f"a message on {name}")
+
+
+def test_queue_names_follow_assignment_then_requirements() -> None:
+    assert queue_name(Publish("t", "code:python+tests", None)) == "fleet.cap.code:python+tests"
+    assert queue_name(Publish("t", "_", None)) == "fleet.cap._"
+    assert queue_name(Publish("t", "code:python", "agt_1")) == "fleet.agent.agt_1"
+
+
+def test_publish_never_blocks_when_the_broker_is_unreachable(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    closed = services.free_port()  # nothing listens there: every connect is refused
+    settings = broker_settings(tmp_path, f"redis://127.0.0.1:{closed}/0")
+    caplog.set_level(logging.WARNING, logger="fleet_worker.publisher")
+    with publisher_for(settings) as publisher:
+        started = time.monotonic()
+        publisher.publish(items(500))
+        assert time.monotonic() - started < 0.2
+        assert publisher.flush(timeout=10)
+        assert (publisher.sent, publisher.dropped) == (0, 500)
+        started = time.monotonic()
+        publisher.publish(items(1))  # still down: still no wait
+        assert time.monotonic() - started < 0.2
+    warnings = [r for r in caplog.records if "cannot send" in r.getMessage()]
+    assert len(warnings) == 1  # one warning per outage, not one per message
+
+
+def test_a_full_backlog_drops_instead_of_blocking(tmp_path: Path) -> None:
+    settings = broker_settings(tmp_path, f"redis://127.0.0.1:{services.free_port()}/0")
+    with publisher_for(settings, max_pending=5) as publisher:
+        started = time.monotonic()
+        publisher.publish(items(1000))
+        assert time.monotonic() - started < 0.2
+        assert publisher.flush(timeout=10)
+        assert publisher.sent == 0 and publisher.dropped == 1000
+
+
+def check_delivery(settings: Settings) -> None:
+    with publisher_for(settings) as publisher:
+        publisher.publish(
+            [Publish("tsk_cap", "code:python+tests", None), Publish("tsk_mine", "_", "agt_7")]
+        )
+        assert publisher.flush(timeout=10)
+        assert publisher.sent == 2
+    # Nobody consumed these queues when the messages were sent: they were kept.
+    for task_id, name in (
+        ("tsk_cap", "fleet.cap.code:python+tests"),
+        ("tsk_mine", "fleet.agent.agt_7"),
+    ):
+        message = take(settings, name)
+        assert message.headers["task"] == DISPATCH_TASK
+        assert message.decode()[:2] == [[task_id], {}]
+        assert message.delivery_info["routing_key"] == name
+
+
+def test_wake_ups_reach_the_filesystem_broker(tmp_path: Path) -> None:
+    check_delivery(broker_settings(tmp_path, "filesystem://"))
+
+
+def test_wake_ups_reach_redis(tmp_path: Path, redis_url: str) -> None:
+    check_delivery(broker_settings(tmp_path, redis_url))
+
+
+class TcpProxy:
+    """A TCP relay to ``target`` on ``port`` that can be taken down and brought back."""
+
+    def __init__(self, port: int, target: tuple[str, int]) -> None:
+        self.port, self.target = port, target
+        self._server: socket.socket | None = None
+        self._sockets: list[socket.socket] = []
+
+    def up(self) -> None:
+        self._server = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, args=(self._server,), daemon=True).start()
+
+    def down(self) -> None:
+        for sock in [self._server, *self._sockets]:
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+        self._server, self._sockets = None, []
+
+    def _accept(self, server: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = server.accept()
+                upstream = socket.create_connection(self.target)
+                self._sockets += [client, upstream]
+                for a, b in ((client, upstream), (upstream, client)):
+                    threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+
+def test_sending_resumes_when_the_broker_comes_back(tmp_path: Path, redis_url: str) -> None:
+    host_port, db = redis_url.removeprefix("redis://").rsplit("/", 1)
+    proxy = TcpProxy(services.free_port(), ("127.0.0.1", int(host_port.rsplit(":", 1)[1])))
+    settings = broker_settings(tmp_path, f"redis://127.0.0.1:{proxy.port}/{db}")
+    with publisher_for(settings, cooldown_secs=0.2) as publisher:
+        publisher.publish([Publish("tsk_lost", "outage", None)])  # the broker is down
+        assert publisher.flush(timeout=10) and publisher.dropped == 1
+        proxy.up()
+        try:
+
+            def delivered() -> bool:
+                publisher.publish([Publish("tsk_back", "outage", None)])
+                publisher.flush(timeout=10)
+                return publisher.sent > 0
+
+            wait_for(delivered, timeout=10, what="the publisher to send again")
+            assert take(settings, "fleet.cap.outage").decode()[0] == ["tsk_back"]
+        finally:
+            proxy.down()
