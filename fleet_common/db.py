@@ -9,12 +9,23 @@ instead of hanging or crashing.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Engine, MetaData, create_engine, event, exc
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Engine,
+    MetaData,
+    Select,
+    create_engine,
+    event,
+    exc,
+    func,
+    select,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
@@ -114,6 +125,15 @@ def _configure_sqlite(engine: Engine) -> None:
         # IMMEDIATE takes the write lock up front: the claim's read-then-update cannot race
         # another writer, and no transaction fails half-way with SQLITE_BUSY on upgrade.
         conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def page_of(
+    session: Session, query: Select[Any], order: Sequence[Any], page: int, page_size: int
+) -> tuple[list[Any], int]:
+    """One page of ``query`` in ``order`` and the total number of rows it matches."""
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = session.scalars(query.order_by(*order).offset((page - 1) * page_size).limit(page_size))
+    return list(rows), int(total)
 
 
 class Database:

@@ -6,12 +6,12 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import exists, func, or_, select, update
+from sqlalchemy import exists, or_, select, update
 from sqlalchemy.orm import Session
 
 from fleet_common.agents.models import Agent, Command, CommandKind, CommandStatus, DesiredState
 from fleet_common.auth import audit
-from fleet_common.db import utcnow
+from fleet_common.db import page_of, utcnow
 from fleet_common.errors import IllegalTransition, InvalidInput, NotFound
 from fleet_common.ids import new_id
 from fleet_common.settings import OrchestratorSettings
@@ -163,13 +163,7 @@ def list_commands(
     query = select(Command).where(Command.agent_id == agent_id)
     if status:
         query = query.where(Command.status == status)
-    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    rows = session.scalars(
-        query.order_by(Command.created_at.desc(), Command.id.desc())
-        .offset((page - 1) * page_size)
-        .limit(page_size)
-    )
-    return list(rows), int(total)
+    return page_of(session, query, (Command.created_at.desc(), Command.id.desc()), page, page_size)
 
 
 def expire_for_agent(session: Session, agent_id: str, *, now: dt.datetime) -> None:

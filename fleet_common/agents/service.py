@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import String, cast, exc, func, select, update
+from sqlalchemy import String, cast, exc, select, update
 from sqlalchemy.orm import Session
 
 from fleet_common.agents import commands
@@ -16,7 +16,7 @@ from fleet_common.agents.models import Agent, AgentMode, AgentStatus, Command, D
 from fleet_common.auth import audit
 from fleet_common.auth import service as auth
 from fleet_common.auth.models import Token, TokenKind
-from fleet_common.db import utcnow
+from fleet_common.db import page_of, utcnow
 from fleet_common.dispatch.routing import validate_capabilities
 from fleet_common.errors import InvalidInput, NotFound, StaleLease
 from fleet_common.ids import new_id
@@ -293,11 +293,7 @@ def list_agents(
         query = query.where(
             cast(Agent.capabilities, String).contains(json.dumps(capability), autoescape=True)
         )
-    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    rows = session.scalars(
-        query.order_by(Agent.created_at, Agent.id).offset((page - 1) * page_size).limit(page_size)
-    )
-    return list(rows), int(total)
+    return page_of(session, query, (Agent.created_at, Agent.id), page, page_size)
 
 
 def update_agent(session: Session, agent_id: str, changes: dict[str, Any], *, actor: str) -> Agent:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from fleet_common.auth import audit, tokens
 from fleet_common.auth.models import Token, TokenKind
-from fleet_common.db import utcnow
+from fleet_common.db import page_of, utcnow
 from fleet_common.errors import InvalidInput, NotFound, Unauthorized
 from fleet_common.ids import new_id
 
@@ -70,13 +70,7 @@ def list_tokens(
 ) -> tuple[list[Token], int]:
     """A page of tokens of ``kind``, newest first, and the total."""
     query = select(Token).where(Token.kind == kind)
-    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    rows = session.scalars(
-        query.order_by(Token.created_at.desc(), Token.id)
-        .offset((page - 1) * page_size)
-        .limit(page_size)
-    )
-    return list(rows), int(total)
+    return page_of(session, query, (Token.created_at.desc(), Token.id), page, page_size)
 
 
 def revoke(session: Session, kind: TokenKind, token_id: str, *, actor: str) -> Token:

@@ -9,11 +9,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import String, cast, exc, func, select
+from sqlalchemy import String, cast, exc, select
 from sqlalchemy.orm import Session
 
 from fleet_common.agents.models import Agent, DesiredState
-from fleet_common.db import utcnow
+from fleet_common.db import page_of, utcnow
 from fleet_common.dispatch.routing import (
     can_serve,
     req_key,
@@ -205,13 +205,7 @@ def list_tasks(
         # Labels are a JSON list; a textual containment check works on both backends and the
         # filter is applied on top of the indexed ones above.
         query = query.where(cast(Task.labels, String).contains(json.dumps(label), autoescape=True))
-    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    rows = session.scalars(
-        query.order_by(Task.created_at.desc(), Task.id.desc())
-        .offset((page - 1) * page_size)
-        .limit(page_size)
-    )
-    return list(rows), int(total)
+    return page_of(session, query, (Task.created_at.desc(), Task.id.desc()), page, page_size)
 
 
 def update_task(session: Session, task_id: str, changes: dict[str, Any], *, actor: str) -> Task:
