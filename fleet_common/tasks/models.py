@@ -37,6 +37,13 @@ ACTIVE = (TaskStatus.DISPATCHED, TaskStatus.RUNNING)
 TERMINAL = (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED)
 
 
+ACTIVE_ISSUE = (
+    "issue_number IS NOT NULL AND status IN ('queued', 'dispatched', 'running', 'in_review')"
+)
+# Forgejo tasks whose latest state Forgejo does not show yet.
+OUTBOX = "issue_number IS NOT NULL AND forgejo_synced_seq < event_seq"
+
+
 class Task(Base):
     __tablename__ = "tasks"
 
@@ -73,6 +80,13 @@ class Task(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     receipt: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     artifacts: Mapped[list[dict[str, Any]]] = mapped_column(JSONType, default=list)
+    # Forgejo: the pull request attached to the task, and the write-back's progress (the status
+    # comment it edits in place, and the last event seq Forgejo was brought up to).
+    pr_number: Mapped[int | None] = mapped_column(Integer)
+    pr_url: Mapped[str | None] = mapped_column(String(1000))
+    pr_head_sha: Mapped[str | None] = mapped_column(String(64))
+    forgejo_comment_id: Mapped[int | None] = mapped_column(BigInteger)
+    forgejo_synced_seq: Mapped[int] = mapped_column(Integer, default=0)
     idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
     request_digest: Mapped[str | None] = mapped_column(String(64))
     event_seq: Mapped[int] = mapped_column(Integer, default=0)
@@ -129,6 +143,22 @@ class Task(Base):
         ),
         Index("ix_tasks_status_created", "status", "created_at"),
         Index("ix_tasks_repo_issue", "repo", "issue_number"),
+        # At most one active task per repository issue, whatever the races between deliveries.
+        Index(
+            "uq_tasks_active_issue",
+            "repo",
+            "issue_number",
+            unique=True,
+            postgresql_where=text(ACTIVE_ISSUE),
+            sqlite_where=text(ACTIVE_ISSUE),
+        ),
+        Index("ix_tasks_repo_pr", "repo", "pr_number"),
+        Index(
+            "ix_tasks_forgejo_outbox",
+            "updated_at",
+            postgresql_where=text(OUTBOX),
+            sqlite_where=text(OUTBOX),
+        ),
         Index("ix_tasks_finished", "finished_at"),
     )
 
