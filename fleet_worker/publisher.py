@@ -192,10 +192,22 @@ class Publisher:
                 add_to_parent=False,
             )
         except Exception as exc:
+            refused = self._is_channel_error(exc)
             self._release_connection()
-            self._down_until = time.monotonic() + self.cooldown_secs
             with self._lock:
                 self.dropped += 1
+            if refused:
+                # The broker answered but refused this one message (a queue name it cannot
+                # store, for instance): the next message may well go through.
+                log.warning(
+                    "publisher: the broker refused the wake-up of %s to %s: %s",
+                    item.task_id,
+                    name,
+                    exc,
+                )
+                return
+            self._down_until = time.monotonic() + self.cooldown_secs
+            with self._lock:
                 first, self._outage = not self._outage, True
             if first:
                 log.warning(
@@ -212,6 +224,11 @@ class Publisher:
             self._full_warned = False
         if recovered:
             log.info("publisher: the broker answers again")
+
+    def _is_channel_error(self, exc: Exception) -> bool:
+        # kombu re-raises transport errors as OperationalError; the original is the cause.
+        errors = tuple(getattr(self._connection, "channel_errors", ()))
+        return bool(errors) and isinstance(exc.__cause__ or exc, errors)
 
     def _release_connection(self) -> None:
         connection, self._connection = self._connection, None

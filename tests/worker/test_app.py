@@ -169,3 +169,26 @@ def test_the_relay_task_marks_then_publishes(tmp_path: Path) -> None:
     finally:
         app.runtime.close()
         db.dispose()
+
+
+def test_a_forked_child_builds_its_own_database_and_publisher(tmp_path: Path) -> None:
+    """A prefork pool process must not reuse its parent's pooled connections or thread."""
+    settings = settings_for(tmp_path)
+    upgrade(settings.database_url)
+    runtime = runtime_of(make_celery(settings))
+    parent_db, parent_publisher = runtime.database, runtime.publisher
+    runtime.database.ping()
+    pid = os.fork()
+    if pid == 0:  # the child: report through the exit code only, never return into pytest
+        code = 1
+        try:
+            fresh = runtime.database is not parent_db and runtime.publisher is not parent_publisher
+            runtime.database.ping()
+            code = 0 if fresh else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert runtime.database is parent_db and runtime.publisher is parent_publisher
+    runtime.database.ping()  # the parent's pool survived the child
+    runtime.close()

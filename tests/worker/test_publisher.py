@@ -108,6 +108,17 @@ def test_wake_ups_reach_the_filesystem_broker(tmp_path: Path) -> None:
     check_delivery(broker_settings(tmp_path, "filesystem://"))
 
 
+def test_one_refused_message_does_not_stop_the_others(tmp_path: Path) -> None:
+    # "/" is valid in a capability, but a filesystem broker stores a queue's messages in files
+    # named after the queue: the broker refuses that one message, and only that one.
+    settings = broker_settings(tmp_path, "filesystem://")
+    with publisher_for(settings) as publisher:
+        publisher.publish([Publish("tsk_bad", "code/rust", None), Publish("tsk_ok", "ok", None)])
+        assert publisher.flush(timeout=10)
+        assert (publisher.sent, publisher.dropped) == (1, 1)
+    assert take(settings, "fleet.cap.ok").decode()[0] == ["tsk_ok"]
+
+
 def test_wake_ups_reach_redis(tmp_path: Path, redis_url: str) -> None:
     check_delivery(broker_settings(tmp_path, redis_url))
 
