@@ -34,6 +34,7 @@ from fleet_common.settings import HostSettings
 
 SSHD_CANDIDATES = ("/usr/sbin/sshd", "/usr/local/sbin/sshd", "/usr/bin/sshd")
 START_TIMEOUT_SECS = 15.0
+DEFAULT_OPTIONS: dict[str, str | int] = {"MaxSessions": 50, "MaxStartups": 50}
 
 
 @dataclass(frozen=True)
@@ -122,8 +123,11 @@ def _wait_for_banner(proc: subprocess.Popen[bytes], port: int, log: Path) -> Non
 
 
 @contextmanager
-def running_sshd(directory: Path, sshd: str) -> Iterator[SSHServer]:
-    """Start sshd with fresh keys under ``directory``; stop it on exit."""
+def running_sshd(directory: Path, sshd: str, **options: str | int) -> Iterator[SSHServer]:
+    """Start sshd with fresh keys under ``directory``; stop it on exit.
+
+    ``options`` override sshd_config keywords, e.g. ``MaxSessions=2``.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     host_key_line = _keygen(directory / "ssh_host_ed25519_key")
     client_key = directory / "id_ed25519"
@@ -147,10 +151,9 @@ def running_sshd(directory: Path, sshd: str) -> Iterator[SSHServer]:
             "StrictModes no\n"
             "PermitRootLogin prohibit-password\n"
             f"AllowUsers {user}\n"
-            "MaxSessions 50\n"
-            "MaxStartups 50\n"
             "Subsystem sftp internal-sftp\n"
             "LogLevel VERBOSE\n"
+            + "".join(f"{k} {v}\n" for k, v in {**DEFAULT_OPTIONS, **options}.items())
         )
         log_path = directory / "sshd.log"
         with log_path.open("wb") as log:

@@ -18,6 +18,7 @@ import contextlib
 import os
 import re
 import shlex
+import socket
 import threading
 from collections.abc import Mapping, Sequence
 from typing import NoReturn
@@ -129,17 +130,27 @@ def connect(host: HostSettings) -> paramiko.SSHClient:
         client.close()
         raise ExecutorError(f"cannot connect to {_where(host)}: {exc}") from None
     transport = client.get_transport()
-    if transport is not None and host.keepalive_secs > 0:
-        transport.set_keepalive(host.keepalive_secs)
+    if transport is not None:
+        if host.keepalive_secs > 0:
+            transport.set_keepalive(host.keepalive_secs)
+        if isinstance(transport.sock, socket.socket):
+            # Many small packets (session opens, kill requests): don't let Nagle delay them.
+            with contextlib.suppress(OSError):
+                transport.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return client
 
 
 class SSHPool:
-    """One live connection per host, shared by threads, reopened when it has died."""
+    """Live connections per host, shared by threads, reopened when they die.
+
+    One connection normally serves every run on a host. sshd caps the sessions of one
+    connection (``MaxSessions``, 10 by default); when a connection refuses another session,
+    the pool opens one more connection to that host instead of failing the run.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._clients: dict[tuple[object, ...], paramiko.SSHClient] = {}
+        self._clients: dict[tuple[object, ...], list[paramiko.SSHClient]] = {}
         self._host_locks: dict[tuple[object, ...], threading.Lock] = {}
         self.connections_opened = 0
 
@@ -156,36 +167,56 @@ class SSHPool:
             host.accept_unknown_host_key,
         )
 
-    def client(self, host: HostSettings) -> paramiko.SSHClient:
-        """The connection for ``host``, opening one if there is none or it died."""
+    def open_session(self, host: HostSettings) -> paramiko.Channel:
+        """A new session channel to ``host`` on a live connection; raises ExecutorError."""
         key = self._key(host)
         with self._lock:
             host_lock = self._host_locks.setdefault(key, threading.Lock())
         with host_lock:  # one connect per host at a time; other hosts are not held up
-            client = self._clients.get(key)
-            if client is not None:
+            clients = []
+            for client in self._clients.get(key, []):
                 transport = client.get_transport()
                 if transport is not None and transport.is_active():
-                    return client
-                client.close()
+                    clients.append(client)
+                else:
+                    client.close()
+            self._clients[key] = clients
+            for client in clients:
+                try:
+                    return _session(client, host)
+                except paramiko.ChannelException:
+                    continue  # this connection is at its MaxSessions: try the next
+                except _CONNECT_ERRORS:
+                    client.close()  # died just now; pruned on the next call
             client = connect(host)
             self.connections_opened += 1
-            self._clients[key] = client
-            return client
+            clients.append(client)
+            try:
+                return _session(client, host)
+            except _CONNECT_ERRORS as exc:
+                raise ExecutorError(f"cannot open a session on {_where(host)}: {exc}") from None
 
     def discard(self, host: HostSettings) -> None:
-        """Drop ``host``'s connection (it failed); the next use reconnects."""
+        """Close ``host``'s connections (they failed); the next use reconnects."""
         with self._lock:
-            client = self._clients.pop(self._key(host), None)
-        if client is not None:
+            clients = self._clients.pop(self._key(host), [])
+        for client in clients:
             client.close()
 
     def close(self) -> None:
         """Close every connection."""
         with self._lock:
-            clients, self._clients = list(self._clients.values()), {}
+            clients = [c for group in self._clients.values() for c in group]
+            self._clients = {}
         for client in clients:
             client.close()
+
+
+def _session(client: paramiko.SSHClient, host: HostSettings) -> paramiko.Channel:
+    transport = client.get_transport()
+    if transport is None:
+        raise paramiko.SSHException("connection closed")
+    return transport.open_session(timeout=host.connect_timeout_secs)
 
 
 class _SSHProcess(ProcessHandle):
@@ -239,19 +270,20 @@ class _SSHProcess(ProcessHandle):
 
     def _signal(self, sig: str) -> None:
         self._drain_stderr()
-        transport = self._chan.get_transport()
-        if self._pgid is None or transport is None or not transport.is_active():
+        if self._pgid is None:
             return  # the watchdog sees the EOF (or the dropped connection) and does it
         command = shlex.join(["sh", "-c", f"kill -{sig} -{self._pgid} 2>/dev/null; true"])
+        try:  # any connection to the host will do, even a new one if this one dropped
+            chan = self._executor.pool.open_session(self._executor.host)
+        except ExecutorError:
+            return
         try:
-            chan = transport.open_session(timeout=5)
-            try:
-                chan.exec_command(command)
-                chan.status_event.wait(5)
-            finally:
-                chan.close()
+            chan.exec_command(command)
+            chan.status_event.wait(5)
         except _CONNECT_ERRORS:
             pass
+        finally:
+            chan.close()
 
     def close(self) -> None:
         self._chan.close()
@@ -269,39 +301,25 @@ class SSHExecutor(Executor):
         self._owns_pool = pool is None
         self.pool = pool or SSHPool()
 
-    def _transport(self) -> paramiko.Transport:
-        transport = self.pool.client(self.host).get_transport()
-        if transport is None:  # pragma: no cover - connect() always leaves one
-            raise ExecutorError(f"no SSH transport to {_where(self.host)}")
-        return transport
-
     def start(
         self, argv: Sequence[str], *, cwd: str | None, env: Mapping[str, str]
     ) -> ProcessHandle:
-        """Start ``argv`` on the host under the wrapper; one retry on a stale connection."""
-        command = remote_command(argv, cwd, env)
-        for attempt in (1, 2):
-            try:
-                channel = self._transport().open_session(timeout=self.host.connect_timeout_secs)
-                channel.exec_command(command)
-                return _SSHProcess(self, channel)
-            except ExecutorError:
-                raise
-            except _CONNECT_ERRORS as exc:
-                self.pool.discard(self.host)
-                if attempt == 2:
-                    raise ExecutorError(
-                        f"cannot run a command on {_where(self.host)}: {exc}"
-                    ) from None
-        raise AssertionError("unreachable")
+        """Start ``argv`` on the host under the wrapper script."""
+        channel = self.pool.open_session(self.host)
+        try:
+            channel.exec_command(remote_command(argv, cwd, env))
+        except _CONNECT_ERRORS as exc:
+            channel.close()
+            raise ExecutorError(f"cannot run a command on {_where(self.host)}: {exc}") from None
+        return _SSHProcess(self, channel)
 
     def _sftp(self) -> paramiko.SFTPClient:
+        channel = self.pool.open_session(self.host)
         try:
-            return self.pool.client(self.host).open_sftp()
-        except ExecutorError:
-            raise
+            channel.invoke_subsystem("sftp")
+            return paramiko.SFTPClient(channel)
         except _CONNECT_ERRORS as exc:
-            self.pool.discard(self.host)
+            channel.close()
             raise ExecutorError(f"cannot open SFTP to {_where(self.host)}: {exc}") from None
 
     def write_file(self, path: str, data: bytes, *, append: bool = False) -> None:

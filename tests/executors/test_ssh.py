@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from fleet_worker.executors.base import ExecutorError, HostKeyError
+from fleet_worker.executors.base import ExecResult, ExecutorError, HostKeyError
 from fleet_worker.executors.ssh import SSHExecutor
 from fleet_worker.workspace import plan_run
 from tests.executors.helpers import (
@@ -24,7 +25,7 @@ from tests.executors.helpers import (
     pid_alive,
     wait_until,
 )
-from tests.sshd import SSHServer
+from tests.sshd import SSHServer, require_sshd, running_sshd
 
 pytestmark = pytest.mark.sshd
 
@@ -117,6 +118,30 @@ def test_one_connection_serves_many_runs(executor: SSHExecutor, sshd_server: SSH
     assert executor.pool.connections_opened == 1
     wait_until(lambda: sshd_server.accepted_logins() >= before + 1, 5, "sshd to log the login")
     assert sshd_server.accepted_logins() == before + 1
+
+
+def test_runs_beyond_sshd_max_sessions_get_another_connection(tmp_path: Path) -> None:
+    go = tmp_path / "go"
+    wait_for_go = f"echo ready; while [ ! -e {go} ]; do sleep 0.02; done"
+    with running_sshd(tmp_path / "tight", require_sshd(), MaxSessions=2) as tight:
+        ssh = SSHExecutor(tight.host_settings())
+        outputs = [Output() for _ in range(3)]
+        results: list[ExecResult] = []
+
+        def one(out: Output) -> None:
+            results.append(ssh.execute(["sh", "-c", wait_for_go], on_output=out, timeout_secs=30))
+
+        threads = [threading.Thread(target=one, args=(out,)) for out in outputs]
+        for thread in threads:
+            thread.start()
+        # All three run at the same time, although one connection takes only two of them.
+        wait_until(lambda: all("ready" in out.text for out in outputs), 20, "three runs")
+        go.touch()
+        for thread in threads:
+            thread.join(30)
+        ssh.close()
+    assert [r.exit_code for r in results] == [0, 0, 0]
+    assert ssh.pool.connections_opened == 2
 
 
 def test_a_full_task_over_ssh(executor: SSHExecutor, bare_repo: Path) -> None:
