@@ -82,7 +82,7 @@ def _deliverable(agent_id: Any, now: dt.datetime, redeliver_before: dt.datetime 
 
 
 def pending_exists(agent_id: Any, now: dt.datetime) -> Any:
-    """An EXISTS expression: does ``agent_id`` (a value or a column) have pending commands?"""
+    """An EXISTS expression: does ``agent_id`` (a value) have pending commands?"""
     return exists().where(_deliverable(agent_id, now, None)).label("has_pending")
 
 

@@ -192,7 +192,9 @@ def heartbeat(
 
 def _touch(session: Session, agent_id: str, now: dt.datetime) -> tuple[Agent, bool]:
     """Mark the agent online (locking its row) and tell whether commands wait for it."""
-    pending = commands.pending_exists(Agent.id, now)
+    # The id as a value, not the Agent.id column: SQLite renders a column in RETURNING
+    # unqualified, and inside the EXISTS over commands "id" would then mean commands.id.
+    pending = commands.pending_exists(agent_id, now)
     statement = (
         update(Agent)
         .where(Agent.id == agent_id, Agent.deleted_at.is_(None))
