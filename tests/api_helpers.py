@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -57,3 +63,148 @@ class Api:
         response = self.post("/agents/register", json=body, token="")
         assert response.status_code == 201, response.get_json()
         return dict(response.get_json())
+
+
+# --- Shared pieces of the API acceptance tests (tests/api/test_*.py) ---------------------------
+
+ERROR_KEYS = {"code", "status", "message", "errors", "reason"}
+
+
+def assert_error(response: Any, status: int, reason: str | None = None) -> dict[str, Any]:
+    """The one error shape, exactly: ``{"code", "status", "message", "errors"?, "reason"?}``."""
+    from werkzeug.http import HTTP_STATUS_CODES
+
+    assert response.status_code == status, (response.status_code, response.get_data(as_text=True))
+    assert response.mimetype == "application/json", response.mimetype
+    body = response.get_json()
+    assert isinstance(body, dict), body
+    assert {"code", "status", "message"} <= set(body) <= ERROR_KEYS, body
+    assert body["code"] == status
+    assert body["status"] == HTTP_STATUS_CODES[status]
+    assert isinstance(body["message"], str) and body["message"]
+    if "errors" in body:
+        assert isinstance(body["errors"], dict) and body["errors"], body
+    assert body.get("reason") == reason, body
+    return dict(body)
+
+
+def snapshot(db: Any) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every table, in primary-key order: compare two to prove nothing changed."""
+    from sqlalchemy import select
+
+    from fleet_common.models import Base
+
+    state: dict[str, list[tuple[Any, ...]]] = {}
+    with db.session() as session:
+        for table in Base.metadata.sorted_tables:
+            query = select(table).order_by(*table.primary_key.columns)
+            state[table.name] = [tuple(row) for row in session.execute(query)]
+    return state
+
+
+def row_counts(db: Any) -> dict[str, int]:
+    return {name: len(rows) for name, rows in snapshot(db).items()}
+
+
+def wait_until(condition: Callable[[], Any], *, timeout: float, what: str) -> Any:
+    """Poll ``condition`` until it returns something truthy, at most ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+@dataclass
+class Stack:
+    """An API app of its own (for tests that need settings other than the defaults)."""
+
+    settings: Any
+    db: Any
+    app: Any
+    client: Any
+    admin_token: str
+
+    @property
+    def api(self) -> Api:
+        return Api(self.client, self.admin_token)
+
+    @property
+    def orch(self) -> Any:
+        return self.settings.orchestrator
+
+
+@contextmanager
+def stack(
+    tmp_path: Path, database_url: str, *, server: dict[str, Any] | None = None, **orch: Any
+) -> Iterator[Stack]:
+    """Settings (``orch`` as ``[orchestrator]`` keys, ``server`` as ``[server]`` keys), a
+    database handle, the app and an admin token."""
+    from fleet_api.app import create_app
+    from fleet_common.auth import service as auth
+    from fleet_common.auth.models import TokenKind
+    from fleet_common.db import Database
+    from fleet_common.settings import load_settings
+
+    env = {
+        "FLEET_DATABASE_URL": database_url,
+        "FLEET_ORCHESTRATOR_STATE_DIR": str(tmp_path / "state"),
+    }
+    env.update({f"FLEET_ORCHESTRATOR_{k.upper()}": str(v) for k, v in orch.items()})
+    env.update({f"FLEET_SERVER_{k.upper()}": str(v) for k, v in (server or {}).items()})
+    settings = load_settings(env=env)
+    db = Database(settings.database_url)
+    try:
+        app = create_app(settings, db=db, publisher=False)
+        app.testing = True
+        with db.session() as session:
+            _, admin = auth.mint(session, TokenKind.ADMIN, actor="test", name="test")
+        yield Stack(settings, db, app, app.test_client(), admin)
+    finally:
+        db.dispose()
+
+
+def new_task(api: Api, **fields: Any) -> dict[str, Any]:
+    response = api.post("/tasks", json={"title": "a task", **fields})
+    assert response.status_code == 201, response.get_json()
+    return dict(response.get_json())
+
+
+def dequeue(api: Api, agent_token: str, wait_secs: int = 0) -> dict[str, Any] | None:
+    """The dequeued ``{"task", "lease"}``, or None for 204."""
+    response = api.post("/tasks/dequeue", json={"wait_secs": wait_secs}, token=agent_token)
+    if response.status_code == 204:
+        return None
+    assert response.status_code == 200, response.get_json()
+    return dict(response.get_json())
+
+
+def task_row(api: Api, task_id: str) -> dict[str, Any]:
+    response = api.get(f"/tasks/{task_id}")
+    assert response.status_code == 200, response.get_json()
+    return dict(response.get_json())
+
+
+def events(api: Api, task_id: str) -> list[dict[str, Any]]:
+    response = api.get(f"/tasks/{task_id}/events")
+    assert response.status_code == 200, response.get_json()
+    return list(response.get_json())
+
+
+def claim_at(db: Any, settings: Any, agent_id: str, now: dt.datetime) -> tuple[str, str] | None:
+    """Claim as ``agent_id`` at ``now`` (past a backoff): ``(task_id, lease_token)`` or None.
+    The same claim dequeue makes, with the clock moved."""
+    from fleet_common.dispatch.claim import claim_next
+
+    with db.session() as session:
+        claim = claim_next(session, settings.orchestrator, agent_id, now=now)
+        return None if claim is None else (claim.task.id, claim.lease_token)
+
+
+def run_sweep(db: Any, settings: Any, sweep: Callable[..., Any], now: dt.datetime) -> Any:
+    """Run one sweep in its own unit of work, as beat does."""
+    with db.session() as session:
+        return sweep(session, settings.orchestrator, now)
