@@ -41,10 +41,11 @@ FILESYSTEM_POLLING_INTERVAL_SECS = 0.05
 
 
 class FleetAMQP(AMQP):
-    """Queues Celery creates on demand (``--queues fleet.cap.code:python``) are bound to the
-    default exchange by routing key, like the wake-up queues the publisher declares; Celery's
-    default names an exchange after each queue, and the filesystem transport refuses ``:`` and
-    ``+`` in exchange names."""
+    """Queues Celery creates on demand (``--queues fleet.cap.code:python``) get no exchange of
+    their own: Celery binds them to the app's default exchange by routing key, and messages
+    reach them through the anonymous exchange by queue name, as the publisher sends them.
+    Celery's default names an exchange after each queue, and the filesystem transport refuses
+    ``:`` and ``+`` in exchange names."""
 
     autoexchange = staticmethod(lambda _name: None)
 
