@@ -43,7 +43,7 @@ kill "$w" 2>/dev/null
 kill -KILL -"$p" 2>/dev/null
 exit "$rc"
 """
-_PGID_LINE = re.compile(rb"fleet-pgid (\d+)\n")
+_PGID_LINE = re.compile(rb"(?m)^fleet-pgid (\d+)\n")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _CONNECT_ERRORS = (paramiko.SSHException, OSError, EOFError)
 
@@ -241,17 +241,21 @@ class _SSHProcess(ProcessHandle):
         return rest or None
 
     def _drain_stderr(self, final: bool = False) -> bytes:
+        """Stderr carries the wrapper's group id line; anything else on it is output."""
         while self._chan.recv_stderr_ready():
             self._stderr += self._chan.recv_stderr(65_536)
         if self._pgid is None:
-            match = _PGID_LINE.match(self._stderr)
+            # The login shell may print before the wrapper runs (a noisy .bashrc).
+            match = _PGID_LINE.search(self._stderr)
             if match:
                 self._pgid = int(match.group(1))
-                self._stderr = self._stderr[match.end() :]
-            elif len(self._stderr) < 32 and not final and b"\n" not in self._stderr:
-                return b""  # the id line may still be arriving
+                self._stderr = self._stderr[: match.start()] + self._stderr[match.end() :]
+            elif not final:  # keep a partial last line: it may be the start of the id line
+                cut = self._stderr.rfind(b"\n") + 1
+                out, self._stderr = self._stderr[:cut], self._stderr[cut:]
+                return out
         out, self._stderr = self._stderr, b""
-        return out  # anything else the wrapper printed (e.g. a failed cd) is output
+        return out
 
     def wait(self, timeout: float) -> int | None:
         if not self._chan.status_event.wait(timeout):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import pwd
 import subprocess
 import sys
 import threading
@@ -106,6 +108,29 @@ def test_the_remote_command_ends_when_the_connection_drops(
     # ... and the next command simply reconnects.
     assert executor.execute(["true"], on_output=Output()).exit_code == 0
     assert executor.pool.connections_opened == 2
+
+
+def test_the_process_group_is_found_behind_a_noisy_login_shell(tmp_path: Path) -> None:
+    if not pwd.getpwuid(os.getuid()).pw_shell.endswith("bash"):
+        pytest.skip("needs bash as the login shell (BASH_ENV makes it print first)")
+    noisy = tmp_path / "noisy.sh"
+    noisy.write_text("echo 'welcome from the login shell' >&2\n")
+    with running_sshd(tmp_path / "noisy", require_sshd(), SetEnv=f"BASH_ENV={noisy}") as srv:
+        ssh = SSHExecutor(srv.host_settings())
+        handle = ssh.start(["sh", "-c", f"trap '' TERM; {TREE}"], cwd=None, env={})
+        out = Output()
+        wait_until(
+            lambda: out(handle.read(0.1) or b"") or all(m in out.text.encode() for m in TREE_READY),
+            10,
+            "the tree to start",
+        )
+        handle.kill()  # by process group only: no EOF is sent to the watchdog
+        pids = tree_pids(out)
+        wait_until(lambda: not any(map(pid_alive, pids)), 5, f"remote {pids} to die")
+        handle.close()
+        ssh.close()
+    assert "welcome from the login shell" in out.text
+    assert "fleet-pgid" not in out.text
 
 
 def test_one_connection_serves_many_runs(executor: SSHExecutor, sshd_server: SSHServer) -> None:
