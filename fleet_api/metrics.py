@@ -51,8 +51,10 @@ class DatabaseCollector(Collector):
             labels=["status", "desired_state"],
         )
         with self.db.session() as session:
+            # .all(), not the Result itself: dict() would take a Result (it has keys()) for a
+            # mapping and fail.
             counts = dict(
-                session.execute(select(Task.status, func.count()).group_by(Task.status)).tuples()
+                session.execute(select(Task.status, func.count()).group_by(Task.status)).all()
             )
             for task_status in TaskStatus:
                 tasks.add_metric([task_status.value], counts.get(task_status.value, 0))
@@ -61,14 +63,14 @@ class DatabaseCollector(Collector):
                 .where(Task.status == TaskStatus.QUEUED)
                 .group_by(Task.req_key)
             )
-            for key, count in session.execute(queued).tuples():
+            for key, count in session.execute(queued):
                 depth.add_metric([key], count)
             live = (
                 select(Agent.status, Agent.desired_state, func.count())
                 .where(Agent.deleted_at.is_(None))
                 .group_by(Agent.status, Agent.desired_state)
             )
-            for status, desired, count in session.execute(live).tuples():
+            for status, desired, count in session.execute(live):
                 agents.add_metric([status, desired], count)
         yield tasks
         yield depth
