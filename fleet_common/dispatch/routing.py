@@ -10,7 +10,8 @@ from fleet_common.errors import InvalidInput
 
 AGENT_LABEL_PREFIX = "agent:"
 NO_REQUIREMENTS = "_"
-CAPABILITY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}$")
+# Capabilities become queue names (and, on the filesystem broker, file names): no "/" or "+".
+CAPABILITY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 
 
 def requirements_from_labels(labels: Iterable[str]) -> list[str]:
@@ -29,7 +30,7 @@ def validate_capabilities(values: Iterable[str], field: str) -> list[str]:
         if not CAPABILITY_RE.match(value) or "+" in value:
             raise InvalidInput(
                 f"{field}: {value!r} is not a valid capability "
-                "(letters, digits and . _ : / -, at most 64 characters)"
+                "(letters, digits and . _ : -, at most 64 characters)"
             )
     return result
 

@@ -105,6 +105,8 @@ def create_task(
         request_digest=request_digest,
         created_at=now,
         updated_at=now,
+        # The caller wakes a worker after commit; the relay re-sends if that wake-up is lost.
+        last_published_at=now,
     )
     warnings = capability_warnings(session, requirements, assigned)
     if idempotency_key is None:
@@ -225,7 +227,7 @@ def update_task(session: Session, task_id: str, changes: dict[str, Any], *, acto
         state.transition(
             session, task, TaskStatus.QUEUED, event="updated", actor=actor, changes=applied
         )
-        task.last_published_at = None  # re-route at once: the relay republishes it
+        task.last_published_at = utcnow()  # the caller wakes a worker for the new routing
         session.flush()
     return task
 
@@ -281,6 +283,6 @@ def retry_task(session: Session, task_id: str, *, actor: str) -> Task:
     task.lease_digest = None
     task.lease_expires_at = None
     task.finished_at = None
-    task.last_published_at = None
+    task.last_published_at = utcnow()  # the caller wakes a worker after commit
     session.flush()
     return task

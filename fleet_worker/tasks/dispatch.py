@@ -12,7 +12,7 @@ from fleet_worker.publisher import DISPATCH_TASK
 
 def register(app: Any) -> None:
     """Add ``fleet.dispatch`` to ``app``."""
-    app.task(name=DISPATCH_TASK, base=FleetTask, bind=True, acks_late=True)(dispatch)
+    app.task(name=DISPATCH_TASK, base=FleetTask, bind=True, acks_late=True, shared=False)(dispatch)
 
 
 def dispatch(task: FleetTask, task_id: str) -> None:
