@@ -1,0 +1,46 @@
+"""A test agent for the end-to-end tests: the demo agent, with a visible process tree.
+
+``python agent_script.py PROMPT_FILE`` prints ``e2e-pid=<pid> e2e-child=<pid>`` (its own pid
+and, with ``E2E_CHILD=1``, a child's that sleeps in the same process group), appends
+``start``/``end`` lines with timestamps to ``$E2E_JOURNAL`` when set, then does the demo
+agent's work in this same process (``FLEET_DEMO_SLEEP`` slows it down). Run as a direct child
+of the worker, its pid is the agent subprocess's.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+
+def _journal(event: str) -> None:
+    path = os.environ.get("E2E_JOURNAL")
+    if path:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(f"{event} {os.getpid()} {time.time():.6f} {os.environ.get('FLEET_TASK_ID')}\n")
+
+
+def main() -> int:
+    child = None
+    if os.environ.get("E2E_CHILD") == "1":
+        child = subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(600)"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    print(f"e2e-pid={os.getpid()} e2e-child={child.pid if child else 0}", flush=True)
+    _journal("start")
+    from fleet_worker.demo_agent import main as demo
+
+    code = demo(sys.argv[1:])
+    _journal("end")
+    if child is not None:
+        child.kill()
+        child.wait()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
