@@ -224,23 +224,29 @@ class _SSHProcess(ProcessHandle):
         self._executor = executor
         self._chan = channel
         self._pgid: int | None = None
-        self._stderr = b""
+        self._stderr = b""  # stderr not yet examined for the group id line
+        self._extra = b""  # stderr that is output, waiting to be returned by read()
 
     def read(self, timeout: float) -> bytes | None:
-        extra = self._drain_stderr()
-        if extra:
-            return extra
+        self._collect_stderr()
+        if self._extra:
+            out, self._extra = self._extra, b""
+            return out
         self._chan.settimeout(timeout)
         try:
             data = self._chan.recv(65_536)
         except TimeoutError:
-            return self._drain_stderr()
-        if data:
-            return data
-        rest = self._drain_stderr(final=True)  # stdout and stderr end together
-        return rest or None
+            data = b""
+        else:
+            if not data:  # end of output; stdout and stderr end together
+                self._collect_stderr(final=True)
+                out, self._extra = self._extra, b""
+                return out or None
+        self._collect_stderr()
+        out, self._extra = data + self._extra, b""
+        return out
 
-    def _drain_stderr(self, final: bool = False) -> bytes:
+    def _collect_stderr(self, final: bool = False) -> None:
         """Stderr carries the wrapper's group id line; anything else on it is output."""
         while self._chan.recv_stderr_ready():
             self._stderr += self._chan.recv_stderr(65_536)
@@ -252,10 +258,11 @@ class _SSHProcess(ProcessHandle):
                 self._stderr = self._stderr[: match.start()] + self._stderr[match.end() :]
             elif not final:  # keep a partial last line: it may be the start of the id line
                 cut = self._stderr.rfind(b"\n") + 1
-                out, self._stderr = self._stderr[:cut], self._stderr[cut:]
-                return out
-        out, self._stderr = self._stderr, b""
-        return out
+                self._extra += self._stderr[:cut]
+                self._stderr = self._stderr[cut:]
+                return
+        self._extra += self._stderr
+        self._stderr = b""
 
     def wait(self, timeout: float) -> int | None:
         if not self._chan.status_event.wait(timeout):
@@ -273,7 +280,7 @@ class _SSHProcess(ProcessHandle):
         self._signal("KILL")
 
     def _signal(self, sig: str) -> None:
-        self._drain_stderr()
+        self._collect_stderr()
         if self._pgid is None:
             return  # the watchdog sees the EOF (or the dropped connection) and does it
         command = shlex.join(["sh", "-c", f"kill -{sig} -{self._pgid} 2>/dev/null; true"])
