@@ -30,7 +30,7 @@ __all__ = [
 
 
 def make_executor(host: HostSettings) -> Executor:
-    """The executor for ``host``'s transport (SSH executors share the process-wide pool)."""
+    """The executor for ``host``'s transport; keep it for the process and ``close()`` it."""
     if host.transport == "ssh":
         from fleet_worker.executors.ssh import SSHExecutor  # paramiko only when needed
 
