@@ -83,5 +83,7 @@ def run_command(
     try:
         code = daemon.run()
     except RegistrationError as error:
-        raise CliError(str(error), ExitCode.AUTH) from None
+        # A bad body (422) is a refusal like any other; only a bad or missing token is AUTH.
+        code = ExitCode.AUTH if error.status in (None, 401, 403) else ExitCode.GENERAL
+        raise CliError(str(error), code) from None
     raise SystemExit(code)

@@ -34,7 +34,12 @@ DEQUEUE_WAIT_SECS = 20
 
 
 class RegistrationError(Exception):
-    """The daemon has no usable token and could not register."""
+    """The daemon has no usable token and could not register; ``status`` is the API's answer
+    (None when there was nothing to register with)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass
@@ -105,7 +110,7 @@ class Daemon:
         try:
             reply = self.client.call("agents/register", body) or {}
         except ApiError as error:
-            raise RegistrationError(f"registration refused: {error}") from error
+            raise RegistrationError(f"registration refused: {error}", error.status) from error
         saved.server, saved.agent_id = self.config.server, reply["agent"]["id"]
         saved.agent_token = reply["agent_token"]
         agent_state.save(self.config.state_dir, saved)
