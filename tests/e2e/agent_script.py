@@ -3,8 +3,9 @@
 ``python agent_script.py PROMPT_FILE`` prints ``e2e-pid=<pid> e2e-child=<pid>`` (its own pid
 and, with ``E2E_CHILD=1``, a child's that sleeps in the same process group), appends
 ``start``/``end`` lines with timestamps to ``$E2E_JOURNAL`` when set, then does the demo
-agent's work in this same process (``FLEET_DEMO_SLEEP`` slows it down). Run as a direct child
-of the worker, its pid is the agent subprocess's.
+agent's work in this same process. A line ``e2e-sleep=SECONDS`` in the prompt slows it down
+(as ``FLEET_DEMO_SLEEP`` does). Run as a direct child of the worker, its pid is the agent
+subprocess's.
 """
 
 from __future__ import annotations
@@ -22,7 +23,16 @@ def _journal(event: str) -> None:
             fh.write(f"{event} {os.getpid()} {time.time():.6f} {os.environ.get('FLEET_TASK_ID')}\n")
 
 
+def _sleep_from_prompt(prompt_file: str) -> None:
+    with open(prompt_file, encoding="utf-8") as fh:
+        for line in fh:
+            if line.startswith("e2e-sleep="):
+                os.environ["FLEET_DEMO_SLEEP"] = line.split("=", 1)[1].strip()
+
+
 def main() -> int:
+    if len(sys.argv) == 2:
+        _sleep_from_prompt(sys.argv[1])
     child = None
     if os.environ.get("E2E_CHILD") == "1":
         child = subprocess.Popen(

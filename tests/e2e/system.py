@@ -78,6 +78,21 @@ def _parents() -> dict[int, int]:
     return table
 
 
+def ancestors(pid: int) -> list[tuple[int, str]]:
+    """``(pid, command name)`` of ``pid``'s parent, grandparent, ... up to init."""
+    chain = []
+    while pid > 1:
+        try:
+            with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
+                stat = fh.read()
+        except OSError:
+            break
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+        with suppress(OSError), open(f"/proc/{pid}/comm", encoding="utf-8") as fh:
+            chain.append((pid, fh.read().strip()))
+    return chain
+
+
 def descendants(pid: int) -> set[int]:
     """Every live process below ``pid`` (children, grandchildren, ...)."""
     parents = _parents()
