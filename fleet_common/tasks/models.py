@@ -87,6 +87,9 @@ class Task(Base):
     pr_head_sha: Mapped[str | None] = mapped_column(String(64))
     forgejo_comment_id: Mapped[int | None] = mapped_column(BigInteger)
     forgejo_synced_seq: Mapped[int] = mapped_column(Integer, default=0)
+    # A running write-back holds the task until this time (so two never write at once); once
+    # it ends, when it ended. The outbox sweep re-sends only when this is old enough.
+    forgejo_sync_until: Mapped[dt.datetime | None]
     idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
     request_digest: Mapped[str | None] = mapped_column(String(64))
     event_seq: Mapped[int] = mapped_column(Integer, default=0)
