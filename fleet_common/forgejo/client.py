@@ -255,6 +255,15 @@ class ForgejoClient:
         path = f"{_repo_path(repo)}/statuses/{quote(sha, safe='')}"
         return self._json("POST", path, json=payload)
 
+    def list_commit_statuses(
+        self, repo: str, sha: str, *, limit: int = MAX_PAGE_SIZE
+    ) -> list[Json]:
+        """The newest ``limit`` statuses posted for ``sha``, newest first (Forgejo's default
+        order; one page)."""
+        path = f"{_repo_path(repo)}/statuses/{quote(sha, safe='')}"
+        params = {"limit": min(limit, MAX_PAGE_SIZE), "page": 1}
+        return self._json_list("GET", path, params=params)
+
     # -- plumbing -----------------------------------------------------------------------------
 
     def _json(self, method: str, path: str, **kwargs: Any) -> Json:
