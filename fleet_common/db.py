@@ -132,7 +132,12 @@ def page_of(
 ) -> tuple[list[Any], int]:
     """One page of ``query`` in ``order`` and the total number of rows it matches."""
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    rows = session.scalars(query.order_by(*order).offset((page - 1) * page_size).limit(page_size))
+    offset = (page - 1) * page_size
+    if offset >= total:
+        # Past the end (any page number is a valid request); also keeps an offset no database
+        # integer can hold out of the SQL.
+        return [], int(total)
+    rows = session.scalars(query.order_by(*order).offset(offset).limit(page_size))
     return list(rows), int(total)
 
 
