@@ -86,6 +86,13 @@ def register_error_handlers(app: Flask) -> None:
         body = _payload(503, "the database is unavailable", reason="database_unavailable")
         return body, ServiceUnavailable.code, {"Retry-After": "2"}
 
+    @app.errorhandler(sa_exc.DataError)
+    def _data(error: Exception) -> Any:
+        # The database refused a value from the request that the schemas cannot see (a NUL
+        # character in a path or header, which PostgreSQL will not take): bad input, not a 500.
+        log.warning("the database refused a value: %s", error)
+        return _payload(422, "the request carries a value the database cannot take"), 422
+
     @app.errorhandler(Exception)
     def _unexpected(error: Exception) -> Any:
         if isinstance(error, HTTPException):
