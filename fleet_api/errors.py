@@ -63,7 +63,7 @@ class FleetApi(Api):
         message = data.get("message") or (
             _summary(errors) if errors else (error.description or HTTP_STATUS_CODES.get(code, ""))
         )
-        if code == 400 and "Invalid JSON" in str(message):
+        if code == 400 and "Invalid JSON" in str(errors or message):
             message = "the request body is not valid JSON"
         if code == 413:
             message = "the request body is too large"
