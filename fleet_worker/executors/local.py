@@ -2,7 +2,10 @@
 
 The child starts a new session (so its whole tree can be signalled as one process group) and
 asks the kernel for SIGKILL when its parent dies (Linux ``PR_SET_PDEATHSIG``), so a worker
-that is SIGKILLed leaves no agent running.
+that is SIGKILLed leaves no agent running. The parent-death signal reaches the agent only, not
+the processes the agent started; a small reaper next to each agent (a shell in a session of its
+own, waiting for EOF on a pipe only the worker holds) kills the rest of the group when the
+worker dies, however it dies.
 
 ``PR_SET_PDEATHSIG`` fires when the *thread* that forked the child exits, not the process. A
 run started from a short-lived thread (a thread pool that shrinks, a per-task thread) would
@@ -32,6 +35,10 @@ from fleet_worker.executors.base import Executor, ProcessHandle, StartFailed
 INHERITED_ENV = ("PATH", "HOME", "LANG")
 
 _PR_SET_PDEATHSIG = 1
+
+#: The reaper: blocks reading a pipe whose write end only the worker holds; the worker's death
+#: closes it, and the reaper kills the agent's process group ("$1").
+_REAPER = 'read -r _; kill -KILL -"$1" 2>/dev/null'
 
 
 def _load_prctl() -> Any:
@@ -109,10 +116,28 @@ def agent_environment(
     return result
 
 
+def _start_reaper(pgid: int) -> subprocess.Popen[bytes] | None:
+    """A process that kills group ``pgid`` when this process dies (see the module docstring)."""
+    try:
+        return subprocess.Popen(
+            ["sh", "-c", _REAPER, "fleet-reaper", str(pgid)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # not in the worker's group: a Ctrl-C must not take it first
+            close_fds=True,
+        )
+    except OSError:  # the parent-death signal still stops the agent itself
+        return None
+
+
 class _LocalProcess(ProcessHandle):
-    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+    def __init__(
+        self, popen: subprocess.Popen[bytes], reaper: subprocess.Popen[bytes] | None = None
+    ) -> None:
         assert popen.stdout is not None
         self._popen = popen
+        self._reaper = reaper
         self._out = popen.stdout
         os.set_blocking(self._out.fileno(), False)
         self._poll = select.poll()
@@ -152,6 +177,12 @@ class _LocalProcess(ProcessHandle):
             self.kill()
             self._popen.wait()
         self._out.close()
+        if self._reaper is not None:
+            # Killed before it sees EOF: the group is gone and its id may be reused.
+            self._reaper.kill()
+            self._reaper.wait()
+            if self._reaper.stdin is not None:
+                self._reaper.stdin.close()
 
 
 class LocalExecutor(Executor):
@@ -185,7 +216,7 @@ class LocalExecutor(Executor):
         except OSError as exc:
             where = f" in {cwd}" if cwd else ""
             raise StartFailed(f"{exc.strerror or exc}{where}") from None
-        return _LocalProcess(popen)
+        return _LocalProcess(popen, _start_reaper(popen.pid))
 
     def write_file(self, path: str, data: bytes, *, append: bool = False) -> None:
         """Write ``data`` to a local file readable by this user only."""
