@@ -9,6 +9,9 @@ is re-sent by the relay sweep once the task's last publish is older than ``relay
 That is what lets :meth:`Publisher.publish` never block or fail: it only appends to a bounded
 in-memory queue; a background thread sends with a fail-fast connection, and on any broker error
 it logs, drops, and leaves the rest to the relay.
+
+The same thread sends other messages that a sweep backs up the same way (a :class:`Message`:
+the Forgejo write-back's syncs, re-sent by its outbox sweep).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from kombu import Queue
@@ -39,6 +43,18 @@ DEFAULT_MAX_PENDING = 10_000
 DEFAULT_COOLDOWN_SECS = 1.0
 
 _STOP = object()
+
+
+@dataclass(frozen=True)
+class Message:
+    """Any task message to send the same way: ``task`` with ``args``/``kwargs`` on ``queue``
+    (a durable queue on the default exchange), dropped by a worker after ``expires`` seconds."""
+
+    task: str
+    queue: str
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    expires: float | None = None
 
 
 def wake_queue(name: str) -> Queue:
@@ -81,8 +97,9 @@ class Publisher:
         self._outage = False
         self._full_warned = False
 
-    def publish(self, items: Iterable[Publish]) -> None:
-        """Queue a wake-up for each item; returns at once whatever the broker's state."""
+    def publish(self, items: Iterable[Publish | Message]) -> None:
+        """Queue a wake-up (or message) for each item; returns at once whatever the broker's
+        state."""
         try:
             pending = self._ensure_thread()
         except Exception:  # pragma: no cover - starting a thread can fail only when exhausted
@@ -169,12 +186,22 @@ class Publisher:
                     self.dropped += 1
                 pending.task_done()
 
-    def _send(self, item: Publish) -> None:
+    def _send(self, item: Publish | Message) -> None:
         if time.monotonic() < self._down_until:
             with self._lock:
                 self.dropped += 1
             return
-        name = queue_name(item)
+        if isinstance(item, Message):
+            name, task, args, options = item.queue, item.task, list(item.args), item.kwargs
+            extra: dict[str, Any] = {"expires": item.expires} if item.expires else {}
+        else:
+            name, task, args, options, extra = (
+                queue_name(item),
+                DISPATCH_TASK,
+                [item.task_id],
+                {},
+                {},
+            )
         try:
             if self._connection is None:
                 # max_retries=0: fail at the first refused connect instead of retrying for
@@ -183,13 +210,15 @@ class Publisher:
                     transport_options={"max_retries": 0}
                 )
             self.app.send_task(
-                DISPATCH_TASK,
-                args=[item.task_id],
+                task,
+                args=args,
+                kwargs=options,
                 queue=wake_queue(name),
                 connection=self._connection,
                 retry=False,
                 ignore_result=True,
                 add_to_parent=False,
+                **extra,
             )
         except Exception as exc:
             refused = self._is_channel_error(exc)
@@ -199,21 +228,16 @@ class Publisher:
             if refused:
                 # The broker answered but refused this one message (a queue name it cannot
                 # store, for instance): the next message may well go through.
-                log.warning(
-                    "publisher: the broker refused the wake-up of %s to %s: %s",
-                    item.task_id,
-                    name,
-                    exc,
-                )
+                log.warning("publisher: the broker refused %s to %s: %s", _what(item), name, exc)
                 return
             self._down_until = time.monotonic() + self.cooldown_secs
             with self._lock:
                 first, self._outage = not self._outage, True
             if first:
                 log.warning(
-                    "publisher: cannot send the wake-up of %s to %s (%s); dropping wake-ups "
-                    "until the broker answers, the relay sweep will re-send them",
-                    item.task_id,
+                    "publisher: cannot send %s to %s (%s); dropping messages until the broker "
+                    "answers, the relay and outbox sweeps will re-send them",
+                    _what(item),
                     name,
                     exc,
                 )
@@ -238,3 +262,9 @@ class Publisher:
             connection.release()
         except Exception:  # a broken connection may fail to close; it is dropped either way
             log.debug("publisher: error closing the broker connection", exc_info=True)
+
+
+def _what(item: Publish | Message) -> str:
+    if isinstance(item, Message):
+        return f"{item.task}{list(item.args)}"
+    return f"the wake-up of {item.task_id}"

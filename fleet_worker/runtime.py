@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from fleet_common.db import Database
@@ -32,6 +33,8 @@ class Runtime:
         self._pid = os.getpid()
         self._database: Database | None = None
         self._publisher: Publisher | None = None
+        #: Called with each Database this runtime builds (e.g. to watch its commits).
+        self.database_hooks: list[Callable[[Database], None]] = []
 
     @property
     def database(self) -> Database:
@@ -39,7 +42,10 @@ class Runtime:
         with self._lock:
             self._check_fork()
             if self._database is None:
-                self._database = Database(self.settings.database_url, pool_size=WORKER_POOL_SIZE)
+                database = Database(self.settings.database_url, pool_size=WORKER_POOL_SIZE)
+                for hook in self.database_hooks:
+                    hook(database)
+                self._database = database
             return self._database
 
     @property
