@@ -9,8 +9,9 @@ from flask import Flask
 
 from fleet_api.context import FleetContext
 from fleet_api.errors import FleetApi, register_error_handlers
-from fleet_api.resources import agents, health, pull, tasks, tokens
+from fleet_api.resources import agents, health, pull, tasks, tokens, webhooks
 from fleet_common.db import Database
+from fleet_common.forgejo.receipts import make_pr_check
 from fleet_common.settings import Settings, load_settings
 
 SWAGGER_UI_URL = "https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/"
@@ -47,11 +48,13 @@ def create_app(
     if publisher:
         ctx.publish = publisher.publish
         ctx.broker_check = getattr(publisher, "check", None)
+    if settings.forgejo.enabled:
+        ctx.pr_check = make_pr_check(settings)
     app.extensions["fleet"] = ctx
 
     api = FleetApi(app, spec_kwargs=_spec_kwargs())
     app.extensions["fleet_api"] = api
-    for module in (tasks, pull, agents, tokens):
+    for module in (tasks, pull, agents, tokens, webhooks):
         api.register_blueprint(module.blp)
     app.register_blueprint(health.blp)
     register_error_handlers(app)

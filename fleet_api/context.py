@@ -36,6 +36,9 @@ class FleetContext:
     publish: Callable[[list[Publish]], None] = field(default=lambda items: None)
     pr_check: Any = None
     broker_check: Callable[[], str] | None = None
+    # Called after commit with the ids of tasks a Forgejo delivery changed (the write-back
+    # schedules its sync here); a no-op until something plugs in.
+    on_forgejo_change: Callable[[list[str]], None] = field(default=lambda task_ids: None)
 
 
 def fleet() -> FleetContext:

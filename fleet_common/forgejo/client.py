@@ -17,6 +17,8 @@ from requests.adapters import HTTPAdapter
 from urllib3.response import BaseHTTPResponse
 from urllib3.util.retry import Retry
 
+from fleet_common.settings import ForgejoSettings
+
 Json = dict[str, Any]
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 RETRY_STATUSES = (429, 502, 503, 504)
@@ -348,3 +350,10 @@ def _body(response: requests.Response, *, strict: bool = True) -> Any:
             status=response.status_code,
             url=response.url,
         ) from exc
+
+
+def forgejo_client(
+    settings: ForgejoSettings, *, timeout: float = 10.0, retries: int = 2
+) -> ForgejoClient:
+    """A client for ``[forgejo]`` (``url`` and ``token``)."""
+    return ForgejoClient(settings.url, settings.token, timeout=timeout, retries=retries)

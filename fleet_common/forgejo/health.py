@@ -1,0 +1,70 @@
+"""Intake health per repository: when a webhook last arrived, when reconcile last ran, the last
+error. Written by the webhook intake and the reconcile sweep, read by the API and ``fleet doctor``.
+
+Rows are upserted (``INSERT … ON CONFLICT DO UPDATE``), so two deliveries for a repository seen
+for the first time never collide on its primary key. Callers write health *last* in their
+transaction: task rows are always locked before the health row, so the two never deadlock.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from fleet_common.forgejo.models import IntakeHealth
+from fleet_common.settings import Settings
+
+MAX_ERROR_CHARS = 2000
+
+
+@dataclass(frozen=True)
+class RepoHealth:
+    """What ``GET /intake/health`` shows for one repository."""
+
+    repo: str
+    configured: bool  # listed in ``[forgejo] repos`` (reconciled periodically)
+    last_webhook_at: dt.datetime | None
+    last_reconcile_at: dt.datetime | None
+    last_error: str | None
+    last_error_at: dt.datetime | None
+
+
+def touch(session: Session, repo: str, **values: Any) -> None:
+    """Set columns of ``repo``'s health row, creating the row if needed."""
+    if not repo:
+        return
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    statement = insert(IntakeHealth).values(repo=repo, **values)
+    session.execute(statement.on_conflict_do_update(index_elements=["repo"], set_=values))
+
+
+def record_error(session: Session, repo: str, message: str, now: dt.datetime) -> None:
+    """Remember the latest intake error for ``repo``."""
+    touch(session, repo, last_error=message[:MAX_ERROR_CHARS], last_error_at=now)
+
+
+def intake_health(session: Session, settings: Settings) -> list[RepoHealth]:
+    """Every repository with a health row, plus the configured ones that have none yet."""
+    configured = set(settings.forgejo.repos)
+    rows = {row.repo: row for row in session.scalars(select(IntakeHealth))}
+    result = [
+        RepoHealth(
+            repo=row.repo,
+            configured=row.repo in configured,
+            last_webhook_at=row.last_webhook_at,
+            last_reconcile_at=row.last_reconcile_at,
+            last_error=row.last_error,
+            last_error_at=row.last_error_at,
+        )
+        for row in rows.values()
+    ]
+    result += [
+        RepoHealth(repo, True, None, None, None, None) for repo in configured if repo not in rows
+    ]
+    return sorted(result, key=lambda item: (not item.configured, item.repo))

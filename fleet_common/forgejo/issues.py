@@ -1,0 +1,232 @@
+"""Issues as work items: which issues qualify, the one active task of an issue, opening it,
+keeping it in step with the issue, and stopping it when the issue stops qualifying.
+
+An open issue qualifies when it carries ``[forgejo] trigger_label`` or any ``agent:`` label.
+At most one task per repository + issue is active (not terminal); the partial unique index
+``uq_tasks_active_issue`` enforces it, so :func:`open_task` creates inside a SAVEPOINT and takes
+an ``IntegrityError`` as "a concurrent delivery already created it".
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import exc, select
+from sqlalchemy.orm import Session
+
+from fleet_common.dispatch.routing import (
+    AGENT_LABEL_PREFIX,
+    req_key,
+    requirements_from_labels,
+    validate_capabilities,
+)
+from fleet_common.errors import FleetError, InvalidInput
+from fleet_common.forgejo import prs
+from fleet_common.forgejo.events import IssueInfo
+from fleet_common.settings import ForgejoSettings, Settings
+from fleet_common.sweeps import Publish
+from fleet_common.tasks import service, state
+from fleet_common.tasks.models import TERMINAL, Task, TaskStatus
+from fleet_common.tasks.state import Reason
+
+log = logging.getLogger("fleet.forgejo")
+
+DEFAULT_PROMPT_TEMPLATE = "{title}\n\n{body}"
+MAX_TITLE = 500
+
+
+def qualifies(forgejo: ForgejoSettings, labels: Iterable[str], issue_state: str) -> bool:
+    """An open issue with the trigger label or any ``agent:`` label."""
+    if issue_state != "open":
+        return False
+    return any(lb == forgejo.trigger_label or lb.startswith(AGENT_LABEL_PREFIX) for lb in labels)
+
+
+def issue_from_api(issue: dict[str, Any]) -> IssueInfo:
+    """An ``Issue`` from the REST API as the webhook parser shapes it."""
+    labels = issue.get("labels") if isinstance(issue.get("labels"), list) else []
+    number = issue.get("number")
+
+    def text(key: str) -> str:
+        value = issue.get(key)
+        return value if isinstance(value, str) else ""
+
+    return IssueInfo(
+        number=number if isinstance(number, int) and not isinstance(number, bool) else 0,
+        title=text("title"),
+        body=text("body"),
+        state=text("state"),
+        labels=tuple(
+            lb["name"]
+            for lb in labels or []
+            if isinstance(lb, dict) and isinstance(lb.get("name"), str)
+        ),
+        is_pull=issue.get("pull_request") is not None,
+        html_url=text("html_url"),
+    )
+
+
+def active_task(session: Session, repo: str, number: int) -> Task | None:
+    """The issue's non-terminal task, locked (there is at most one)."""
+    query = (
+        select(Task)
+        .where(Task.repo == repo, Task.issue_number == number, Task.status.not_in(TERMINAL))
+        .with_for_update()
+    )
+    return session.scalars(query).first()
+
+
+def render_prompt(template: str, *, title: str, body: str, number: int, repo: str) -> str:
+    """``prompt_template`` filled in; a template that does not format falls back to the default
+    (a bad template must not drop issues on the floor)."""
+    values = {"title": title, "body": body, "number": number, "repo": repo}
+    try:
+        return template.format(**values)
+    except (KeyError, IndexError, ValueError, AttributeError, TypeError) as error:
+        log.warning("forgejo.prompt_template does not format (%s); using the default", error)
+        return DEFAULT_PROMPT_TEMPLATE.format(**values)
+
+
+@dataclass(frozen=True)
+class Opened:
+    """What :func:`open_task` did: ``created``, ``exists`` or ``rejected`` (with why)."""
+
+    outcome: str
+    task: Task | None = None
+    detail: str = ""
+
+
+def open_task(
+    session: Session,
+    settings: Settings,
+    *,
+    repo: str,
+    clone_url: str,
+    issue: IssueInfo,
+    actor: str,
+    now: dt.datetime,
+) -> Opened:
+    """Create the issue's task unless one is active (race-proof through the unique index)."""
+    existing = active_task(session, repo, issue.number)
+    if existing is not None:
+        return Opened("exists", existing)
+    forgejo = settings.forgejo
+    data = {
+        "title": (issue.title or f"{repo}#{issue.number}")[:MAX_TITLE],
+        "prompt": render_prompt(
+            forgejo.prompt_template,
+            title=issue.title,
+            body=issue.body,
+            number=issue.number,
+            repo=repo,
+        ),
+        "labels": list(issue.labels),
+        "repo": repo,
+        "clone_url": clone_url or None,
+        "issue_number": issue.number,
+        "requires_pr": forgejo.require_pr,
+        "source": "forgejo",
+    }
+    try:
+        with session.begin_nested():
+            created = service.create_task(session, settings, data, actor=actor, now=now)
+    except exc.IntegrityError:
+        # Another delivery (or reconcile) created it between our check and our insert.
+        return Opened("exists", active_task(session, repo, issue.number))
+    except FleetError as error:
+        return Opened("rejected", None, f"issue #{issue.number}: {error.message}")
+    return Opened("created", created.task)
+
+
+def wake(task: Task) -> Publish:
+    """The wake-up to publish after commit for a queued ``task``."""
+    return Publish(task.id, task.req_key, task.assigned_agent_id)
+
+
+def relabel(
+    session: Session,
+    settings: Settings,
+    task: Task,
+    labels: Iterable[str],
+    *,
+    actor: str,
+    now: dt.datetime,
+) -> bool:
+    """A queued task follows its issue's ``agent:`` labels (its requirements, so its route);
+    other labels are metadata and change nothing. Once an agent has the task, a label change no
+    longer reroutes it. Raises InvalidInput for unusable labels."""
+    labels = list(dict.fromkeys(labels))
+    if task.status != TaskStatus.QUEUED:
+        return False
+    requirements = validate_capabilities(requirements_from_labels(labels), "labels")
+    if requirements == list(task.requirements or []):
+        return False
+    limit = settings.orchestrator.max_requirements
+    if len(requirements) > limit:
+        raise InvalidInput(
+            f"labels: a task may require at most {limit} capabilities "
+            f"(orchestrator.max_requirements), got {len(requirements)}"
+        )
+    changes = {"labels": labels, "requirements": requirements, "req_key": req_key(requirements)}
+    state.transition(
+        session,
+        task,
+        TaskStatus.QUEUED,
+        event="relabelled",
+        actor=actor,
+        changes=changes,
+        data={"labels": labels, "requirements": requirements},
+        now=now,
+    )
+    task.last_published_at = now
+    return True
+
+
+def refresh(
+    session: Session,
+    settings: Settings,
+    task: Task,
+    issue: IssueInfo,
+    *,
+    repo: str,
+    actor: str,
+    now: dt.datetime,
+) -> bool:
+    """An edited issue updates the title and prompt of its task while it is still queued."""
+    if task.status != TaskStatus.QUEUED:
+        return False
+    title = (issue.title or task.title)[:MAX_TITLE]
+    prompt = render_prompt(
+        settings.forgejo.prompt_template,
+        title=issue.title,
+        body=issue.body,
+        number=issue.number,
+        repo=repo,
+    )
+    if (title, prompt) == (task.title, task.prompt):
+        return False
+    state.transition(
+        session,
+        task,
+        TaskStatus.QUEUED,
+        event="issue_edited",
+        actor=actor,
+        changes={"title": title, "prompt": prompt},
+        data={"title": title},
+        now=now,
+    )
+    return True
+
+
+def stop_task(session: Session, task: Task, *, actor: str, now: dt.datetime) -> str:
+    """The issue stopped qualifying or was closed: cancel its task (``cancelled``), unless the
+    task reached review or its PR was already merged (``kept``): merging a PR closes its issue,
+    and the two events arrive in either order."""
+    if task.status == TaskStatus.IN_REVIEW or prs.merged_pr_recorded(session, task):
+        return "kept"
+    service.cancel_task(session, task.id, actor=actor, reason=Reason.CANCELLED_BY_ISSUE, now=now)
+    return "cancelled"
