@@ -22,7 +22,7 @@ from celery.app.amqp import AMQP
 from fleet_common.settings import Settings
 from fleet_worker.runtime import Runtime
 from fleet_worker.schedule import SWEEPS_QUEUE, beat_schedule
-from fleet_worker.tasks import sweeps
+from fleet_worker.tasks import reconcile, sweeps
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +149,7 @@ def make_celery(settings: Settings) -> FleetCelery:
         beat_schedule=beat_schedule(settings),
     )
     sweeps.register(app)
+    reconcile.register(app)
     return app
 
 
