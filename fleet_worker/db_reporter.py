@@ -22,10 +22,18 @@ class DbReporter:
     flush_secs = 0.5
     check_secs = 1.0
 
-    def __init__(self, db: Database, orchestrator: OrchestratorSettings, attempt: Attempt) -> None:
+    def __init__(
+        self,
+        db: Database,
+        orchestrator: OrchestratorSettings,
+        attempt: Attempt,
+        *,
+        pr_check: lease.PrCheck = lease.no_forge,
+    ) -> None:
         self.db = db
         self.orchestrator = orchestrator
         self.attempt = attempt
+        self.pr_check = pr_check  # validates a receipt's PR (fleet_common.forgejo.receipts)
 
     def start(self) -> bool:
         return self._fenced(
@@ -80,7 +88,8 @@ class DbReporter:
                     if held.cancelled:
                         return
                     if outcome.kind == "complete":
-                        lease.complete(session, orch, held, outcome.receipt or {"exit_code": 0})
+                        receipt = outcome.receipt or {"exit_code": 0}
+                        lease.complete(session, orch, held, receipt, pr_check=self.pr_check)
                     else:
                         reason = Reason(outcome.reason or Reason.EXIT_CODE)
                         lease.fail(session, orch, held, outcome.error or reason, reason=reason)

@@ -19,7 +19,9 @@ from fleet_common.agents.models import CommandKind, DesiredState
 from fleet_common.db import Database, utcnow
 from fleet_common.dispatch.claim import claim_next
 from fleet_common.dispatch.routing import agent_queue, queue_for_key, servable_keys
+from fleet_common.forgejo.receipts import make_pr_check
 from fleet_common.settings import AgentSlotSettings, HostSettings, Settings
+from fleet_common.tasks.lease import no_forge
 from fleet_common.tasks.state import Reason
 from fleet_worker.attempt import Attempt, AttemptRun, Control
 from fleet_worker.db_reporter import DbReporter
@@ -62,6 +64,7 @@ class HostWorker:
         self.slots = [Slot(i, cfg) for i, cfg in enumerate(host.agents)]
         self.stopping = False
         self.on_restart = on_restart
+        self.pr_check = make_pr_check(settings) if settings.forgejo.enabled else no_forge
         self._lock = threading.Lock()
         self._stop_heartbeats = threading.Event()
         self._heartbeat_thread: threading.Thread | None = None
@@ -171,7 +174,7 @@ class HostWorker:
         try:
             agent_type = self.settings.agent_types[slot.config.agent_type]
             orch = self.settings.orchestrator
-            reporter = DbReporter(self.db, orch, attempt)
+            reporter = DbReporter(self.db, orch, attempt, pr_check=self.pr_check)
             AttemptRun(orch, self.host, agent_type, self.executor, attempt, control, reporter).run()
         finally:
             with self._lock:
