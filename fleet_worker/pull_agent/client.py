@@ -24,12 +24,18 @@ class ApiError(Exception):
 
 
 class Unreachable(Exception):
-    """The server could not be reached, or answered 5xx/429 for longer than we retried."""
+    """The server could not be reached, or answered 5xx/429 for longer than we retried;
+    ``retry_after`` is how long its last answer asked us to wait (0 when it did not say)."""
+
+    def __init__(self, message: str, retry_after: float = 0.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 def backoff(attempt: int, base: float = 0.5, cap: float = 30.0) -> float:
     """Full jitter: a random delay up to ``base × 2^attempt``, capped."""
-    return random.uniform(0, min(cap, base * 2**attempt))
+    # The exponent is bounded too: 2.0**1100 overflows, and an outage of hours gets there.
+    return random.uniform(0, min(cap, base * 2.0 ** min(attempt, 32)))
 
 
 class AgentClient:
@@ -73,11 +79,10 @@ class AgentClient:
                     raise ApiError(response.status_code, _json(response))
                 problem = f"HTTP {response.status_code}"
                 retry_after = response.headers.get("Retry-After")
-            delay = backoff(attempt)
-            if retry_after and retry_after.isdigit():
-                delay = max(delay, float(retry_after))
+            asked = float(retry_after) if retry_after and retry_after.isdigit() else 0.0
+            delay = max(backoff(attempt), asked)
             if time.monotonic() + delay > deadline or should_stop():
-                raise Unreachable(f"{path}: {problem}")
+                raise Unreachable(f"{path}: {problem}", asked)
             log.warning("%s failed (%s); retrying in %.1fs", path, problem, delay)
             time.sleep(delay)
             attempt += 1

@@ -9,6 +9,7 @@ retries them elsewhere. If the daemon dies, nothing is lost: its leases expire.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import platform
 import signal
@@ -85,7 +86,8 @@ class Daemon:
         if saved.agent_token and saved.server == self.config.server:
             self.client.token = saved.agent_token
             try:
-                self._heartbeat()
+                # A server that is down (or restarting) is waited for, however long.
+                self._heartbeat(retry_for=math.inf)
                 log.info("resumed as agent %s", saved.agent_id)
                 return
             except ApiError as error:
@@ -108,7 +110,7 @@ class Daemon:
         }
         self.client.token = ""
         try:
-            reply = self.client.call("agents/register", body) or {}
+            reply = self.client.call("agents/register", body, retry_for=math.inf) or {}
         except ApiError as error:
             raise RegistrationError(f"registration refused: {error}", error.status) from error
         saved.server, saved.agent_id = self.config.server, reply["agent"]["id"]
@@ -147,7 +149,8 @@ class Daemon:
                     log.error("agent token refused: %s", error)
                     self.exit_code = 4
                     break
-                self._stop.wait(backoff(errors))
+                asked = error.retry_after if isinstance(error, Unreachable) else 0.0
+                self._stop.wait(max(backoff(errors), asked))
                 errors += 1
                 continue
             if reply is not None:
@@ -205,12 +208,12 @@ class Daemon:
                 log.warning("heartbeat failed: %s", error)
                 failures += 1
 
-    def _heartbeat(self) -> None:
+    def _heartbeat(self, retry_for: float = 5) -> None:
         with self._lock:
             leases = [
                 {"task_id": tid, "lease_token": a.lease_token} for tid, a in self.running.items()
             ]
-        reply = self.client.call("agents/heartbeat", {"leases": leases}, retry_for=5) or {}
+        reply = self.client.call("agents/heartbeat", {"leases": leases}, retry_for=retry_for) or {}
         self.desired_state = reply.get("desired_state", self.desired_state)
         self.heartbeat_interval = float(
             reply.get("heartbeat_interval_secs", self.heartbeat_interval)
