@@ -14,14 +14,41 @@ import signal
 import socket
 from typing import Any
 
-from celery import signals
+from celery import bootsteps, signals
 
+from fleet_common.dispatch.routing import NO_REQUIREMENTS
 from fleet_common.settings import AgentSlotSettings, HostSettings, Settings
+from fleet_common.sweeps import Publish
 from fleet_worker.celery_app import make_celery
 from fleet_worker.host import HostWorker
 from fleet_worker.tasks import dispatch
 
 log = logging.getLogger("fleet.worker")
+
+#: What a worker's wake-up to itself carries instead of a task id (a wake-up is only a hint).
+CONNECTED_HINT = "(broker connected)"
+
+
+def self_wake_ups(host: HostWorker) -> list[Publish]:
+    """One wake-up per unit of the host's capacity, each on its slot's own agent queue."""
+    return [
+        Publish(CONNECTED_HINT, NO_REQUIREMENTS, slot.agent_id)
+        for slot in host.slots
+        for _ in range(slot.config.max_concurrency)
+    ]
+
+
+class WakeOnConnect(bootsteps.StartStopStep):
+    """Each time the worker (re)connects to the broker it wakes itself: tasks queued while it
+    could hear no wake-up (the broker was down, the worker was starting) are claimed at once,
+    not when the relay next re-sends them (up to relay_after_secs + sweep_interval_secs)."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def start(self, parent: Any) -> None:
+        host = getattr(parent.app, "fleet_host", None)
+        if isinstance(host, HostWorker) and not host.stopping:
+            parent.app.runtime.publisher.publish(self_wake_ups(host))
 
 
 def host_for(settings: Settings, host_id: str | None) -> HostSettings:
@@ -52,6 +79,7 @@ def run_worker(settings: Settings, host_id: str | None = None, *, loglevel: str 
     worker = HostWorker(settings, host, db, on_restart=lambda: os.kill(os.getpid(), signal.SIGTERM))
     worker.register()
     app.fleet_host = worker
+    app.steps["consumer"].add(WakeOnConnect)
     grace = settings.orchestrator.worker_shutdown_grace_secs
 
     @signals.worker_shutting_down.connect(weak=False)
