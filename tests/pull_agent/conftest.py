@@ -97,10 +97,12 @@ def running_system(
     port: int = 0,
     publisher: Any = False,
     start: bool = True,
+    config: str = "",
     **env: str,
 ) -> Iterator[System]:
     """The API (``publisher``: False for none, None for the broker's), sweeps and a daemon
-    factory on ``database_url``, which must be migrated and empty."""
+    factory on ``database_url``, which must be migrated and empty; ``config`` is added to the
+    settings file the daemons (and workers) read."""
     from fleet_api.app import create_app
 
     settings = server_settings(root, database_url, **env)
@@ -120,7 +122,7 @@ def running_system(
         db,
         server,
         Api(server.url, admin),
-        write_config(root / "fleet.toml", probe_dir),
+        write_config(root / "fleet.toml", probe_dir, extra=config),
         probe_dir,
     )
     try:
@@ -129,6 +131,8 @@ def running_system(
         system.close()
         sweeper.stop()
         server.stop()
+        if publish is not None and hasattr(publish, "__self__"):
+            publish.__self__.close()
         db.dispose()
 
 
