@@ -34,6 +34,7 @@ class Attempt:
     repo: str
     clone_url: str
     timeout_secs: int
+    issue_number: int | None = None
 
     @classmethod
     def of(cls, task: Any, lease_token: str, agent_id: str = "") -> Attempt:
@@ -48,7 +49,15 @@ class Attempt:
             get("repo") or "",
             get("clone_url") or "",
             int(get("timeout_secs") or 1800),
+            _issue_number(get("issue_number")),
         )
+
+
+def _issue_number(value: Any) -> int | None:
+    try:
+        return int(value) if value is not None and not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        return None
 
 
 class Control:
@@ -123,6 +132,7 @@ class AttemptRun:
                 prompt=a.prompt,
                 repo=a.repo,
                 clone_url=a.clone_url,
+                issue_number=a.issue_number,
                 timeout_secs=timeout,
                 redactor=Redactor(orch.secrets, orch.redact_patterns),
             )

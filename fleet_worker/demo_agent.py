@@ -5,6 +5,12 @@
 workspace is a git repository with an ``origin``, then writes a receipt to
 ``$FLEET_RECEIPT_PATH``. For tests: ``FLEET_DEMO_SLEEP`` (seconds) slows it down,
 ``FLEET_DEMO_EXIT`` makes it exit with that code (after writing its receipt).
+
+With ``FLEET_FORGEJO_URL``, ``FLEET_FORGEJO_TOKEN`` and ``FLEET_REPO`` in its environment (the
+first two only if its agent type is configured with them) it opens a pull request for the
+pushed branch through Forgejo's API, as a real coding agent would: into the repository's
+default branch, with ``Closes #N`` for ``FLEET_ISSUE_NUMBER``, and names it in the receipt.
+Only the standard library is used, so it runs wherever Python does.
 """
 
 from __future__ import annotations
@@ -14,12 +20,18 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 DEMO_FILE = "FLEET_DEMO.md"
 VERSION = "fleet-demo 1"
 _GIT_IDENTITY = ("-c", "user.name=Fleet Demo Agent", "-c", "user.email=demo-agent@fleet.invalid")
+#: Tries per Forgejo call when it is unreachable or answers 5xx, a second apart.
+API_TRIES = 3
+API_TIMEOUT_SECS = 10
 
 
 def _say(message: str) -> None:
@@ -83,8 +95,14 @@ def run(prompt_file: str) -> int:
         receipt["commit_sha"] = _git(workspace, "rev-parse", "HEAD")
         _say(f"committed {receipt['commit_sha'][:12]} on {branch}")
         if "origin" in _git(workspace, "remote").split():
-            _git(workspace, "push", "--quiet", "origin", f"HEAD:refs/heads/{branch}")
+            # The branch is the task's own: a retried attempt replaces what an earlier pushed.
+            _git(workspace, "push", "--quiet", "--force", "origin", f"HEAD:refs/heads/{branch}")
             _say(f"pushed {branch} to origin")
+            pull = open_pull_request(branch, title, task_id)
+            if pull is not None:
+                receipt["pr_number"] = pull["number"]
+                receipt["pr_url"] = pull.get("html_url") or pull.get("url")
+                _say(f"pull request #{pull['number']}: {receipt['pr_url']}")
 
     code = int(os.environ.get("FLEET_DEMO_EXIT", "0") or 0)
     receipt["exit_code"] = code
@@ -94,6 +112,74 @@ def run(prompt_file: str) -> int:
         _say("wrote the receipt")
     _say("done" if code == 0 else f"failing on purpose with exit code {code}")
     return code
+
+
+def open_pull_request(branch: str, title: str, task_id: str) -> dict[str, Any] | None:
+    """Open (or find, if one is already open) the PR of ``branch`` when the environment names
+    a Forgejo server, a token and the repository; ``None`` otherwise."""
+    url = os.environ.get("FLEET_FORGEJO_URL", "").rstrip("/")
+    token = os.environ.get("FLEET_FORGEJO_TOKEN", "")
+    repo = os.environ.get("FLEET_REPO", "")
+    if not (url and token and repo):
+        return None
+    if not url.startswith(("http://", "https://")):
+        raise RuntimeError(f"FLEET_FORGEJO_URL must be an http(s) URL, not {url!r}")
+    api = url if url.endswith("/api/v1") else f"{url}/api/v1"
+    owner, _, name = repo.partition("/")
+    base_path = f"/repos/{quote(owner, safe='')}/{quote(name, safe='')}"
+    issue = os.environ.get("FLEET_ISSUE_NUMBER", "")
+    body = f"Closes #{issue}\n\n" if issue.isdigit() else ""
+    body += f"Opened by the Fleet demo agent for task `{task_id}`."
+    base = _api(api, token, "GET", base_path)[1].get("default_branch") or "main"
+    request = {"head": branch, "base": base, "title": f"Fleet demo: {title[:70]}", "body": body}
+    status, pull = _api(api, token, "POST", f"{base_path}/pulls", request, accept=(409,))
+    if status != 409:
+        return dict(pull)
+    for page in range(1, 21):  # already open for this branch (an earlier attempt's)
+        query = f"{base_path}/pulls?state=open&limit=50&page={page}"
+        pulls = _api(api, token, "GET", query)[1]
+        for found in pulls:
+            if (found.get("head") or {}).get("ref") == branch:
+                return dict(found)
+        if len(pulls) < 50:
+            break
+    raise RuntimeError(f"Forgejo says a PR for {branch} exists, but none is open")
+
+
+def _api(
+    api: str,
+    token: str,
+    method: str,
+    path: str,
+    payload: dict[str, Any] | None = None,
+    *,
+    accept: tuple[int, ...] = (),
+) -> tuple[int, Any]:
+    data = json.dumps(payload).encode() if payload is not None else None
+    headers = {"Authorization": f"token {token}", "Accept": "application/json"}
+    if data is not None:
+        headers["Content-Type"] = "application/json"
+    for attempt in range(1, API_TRIES + 1):
+        # The scheme was checked in open_pull_request: http(s) only.
+        request = urllib.request.Request(f"{api}{path}", data, headers, method=method)  # noqa: S310
+        try:
+            with urllib.request.urlopen(request, timeout=API_TIMEOUT_SECS) as response:  # noqa: S310
+                text = response.read().decode("utf-8") or "null"
+                return response.status, json.loads(text)
+        except urllib.error.HTTPError as error:
+            if error.code in accept:
+                return error.code, None
+            if error.code < 500 or attempt == API_TRIES:
+                detail = error.read().decode("utf-8", "replace")[:300]
+                raise RuntimeError(
+                    f"Forgejo: {method} {path}: HTTP {error.code}: {detail}"
+                ) from None
+        except (urllib.error.URLError, OSError) as error:
+            if attempt == API_TRIES:
+                raise RuntimeError(f"Forgejo: {method} {path}: {error}") from None
+        _say(f"Forgejo did not answer {method} {path}; trying again")
+        time.sleep(1.0)
+    raise AssertionError("unreachable")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,6 +50,7 @@ def plan_run(
     prompt: str,
     repo: str = "",
     clone_url: str = "",
+    issue_number: int | None = None,
     timeout_secs: float | None = None,
     redactor: Redactor | None = None,
     python: str | None = None,
@@ -57,6 +58,10 @@ def plan_run(
 ) -> RunSpec:
     """Build the :class:`RunSpec` for one attempt of ``task_id`` on ``host``.
 
+    The agent's environment names the task (``FLEET_TASK_ID``, ``FLEET_REPO``,
+    ``FLEET_ISSUE_NUMBER``, empty when unknown), its workspace, receipt path and branch; the
+    agent type's ``env`` comes first, so Forgejo's URL and a token reach an agent only when its
+    type is configured with them.
     ``timeout_secs`` defaults to the agent type's; ``python`` (the ``{python}`` placeholder)
     to this interpreter on local hosts and ``python3`` on SSH hosts. Without a ``redactor``
     only the built-in token patterns are redacted.
@@ -82,6 +87,8 @@ def plan_run(
         "FLEET_RECEIPT_PATH": receipt_path,
         "FLEET_WORKSPACE": workspace,
         "FLEET_BRANCH": branch,
+        "FLEET_REPO": repo,
+        "FLEET_ISSUE_NUMBER": str(issue_number) if issue_number is not None else "",
     }
     setup: list[Step] = [CommandStep("prepare", ("rm", "-rf", "--", workspace))]
     dirs = [control]

@@ -75,6 +75,8 @@ def test_agent_gets_fleet_variables_and_nothing_else_of_the_worker(
         "FLEET_WORKSPACE",
         "FLEET_RECEIPT_PATH",
         "FLEET_BRANCH",
+        "FLEET_REPO",
+        "FLEET_ISSUE_NUMBER",
         "AGENT_SETTING",
         "PATH",
         "HOME",
