@@ -31,7 +31,11 @@ from fleet_worker.pull_agent.runner import PullAttempt
 log = logging.getLogger("fleet.agent")
 
 VERSION = "fleet-agent 0.1"
-DEQUEUE_WAIT_SECS = 20
+#: How long one dequeue long-poll waits on the server. A SIGTERM cannot cut a poll short (the
+#: server may claim a task for it at any moment, and a task claimed must be run), so this bounds
+#: how long an idle daemon takes to stop, and how late a draining one may still be handed a task.
+#: The server polls its database every 0.25 s either way; shorter polls cost only requests.
+DEQUEUE_WAIT_SECS = 5
 
 
 class RegistrationError(Exception):
