@@ -6,6 +6,7 @@ reports it ``agent_lost`` so it is retried."""
 from __future__ import annotations
 
 import signal
+import time
 
 from tests.pull_agent.conftest import System
 from tests.pull_agent.harness import process_gone
@@ -89,3 +90,15 @@ def test_a_second_sigterm_stops_a_long_task_and_reports_it_lost(system: System) 
     )
     last = system.api.events(task_id)[-1]
     assert (last["type"], last["data"]["reason"]) == ("attempt_failed", "agent_lost")
+
+
+def test_an_idle_daemon_exits_promptly_on_sigterm(system: System) -> None:
+    daemon = system.daemon("idle")
+    agent_id = system.online(daemon)
+    # Idle, it waits in a long-poll (registered: its first dequeue is on its way); a SIGTERM
+    # must not have to wait for a long one to run out.
+    started = time.monotonic()
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(60) == 0, system.logs()
+    assert time.monotonic() - started < 10
+    assert system.api.agent(agent_id)["status"] == "offline"

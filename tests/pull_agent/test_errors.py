@@ -88,7 +88,7 @@ def test_a_restart_waits_out_an_outage_longer_than_one_call_with_its_saved_token
 
     system.server.start()
     assert system.online(again, timeout=90) == agent_id
-    assert "resumed as agent" in again.log()
+    system.wait_for(lambda: "resumed as agent" in again.log(), timeout=30, what="the resume")
     assert "Traceback" not in again.log()
 
 

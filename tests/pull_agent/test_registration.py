@@ -33,7 +33,7 @@ def test_the_token_is_kept_0600_and_a_restart_needs_no_join_token(system: System
     system.api.call("DELETE", f"/join-tokens/{join_id}", expect=204)
     second = system.daemon("keeper", join_token=join_token)
     assert system.online(second) == agent_id
-    assert "resumed as agent" in second.log()
+    system.wait_for(lambda: "resumed as agent" in second.log(), timeout=30, what="the resume")
     assert [a["id"] for a in system.api.agents()] == [agent_id]
     assert second.state()["agent_token"] == saved["agent_token"]
 
