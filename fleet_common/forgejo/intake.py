@@ -198,7 +198,8 @@ def _pull_event(
             outcomes.append(outcome)
             changed.append(task.id)
     if not changed:
-        return IntakeResult("no_task", f"pull request #{pull.number}")
+        outcome = "unchanged" if linked or attached else "no_task"
+        return IntakeResult(outcome, f"pull request #{pull.number}")
     # One word for the metrics: the most decisive thing that happened.
     for word in ("completed", "failed", "pr_attached", "pr_detached"):
         if word in outcomes:

@@ -39,7 +39,10 @@ log = logging.getLogger("fleet.forgejo")
 ClientFactory = Callable[[], ForgejoClient]
 #: The check runs while the task row is locked: keep Forgejo's answer short.
 RECEIPT_TIMEOUT_SECS = 5.0
-_PR_PATH = re.compile(r"(?:^|/)(?P<owner>[^/]+)/(?P<name>[^/]+)/pulls/(?P<number>[0-9]+)/?$")
+# …/owner/repo/pulls/N, also a tab of it (/files, /commits) and the API's …/repos/o/r/pulls/N.
+_PR_PATH = re.compile(
+    r"(?:^|/)(?P<owner>[^/]+)/(?P<name>[^/]+)/pulls/(?P<number>[0-9]+)(?:/[a-z]+)?/?$"
+)
 
 
 class InvalidPr(ValueError):
