@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from fleet_api.cli import agent, agents, db, events, processes, stack, tasks, tokens
+from fleet_api.cli import agent, agents, db, doctor, events, processes, stack, tasks, tokens
 from fleet_api.cli.context import DEFAULT_SERVER, CliState
 from fleet_api.cli.errors import ExitCode
 
@@ -66,5 +66,6 @@ for command in (
     tasks.task_group,
     agents.agents_group,
     events.events_group,
+    doctor.doctor_command,
 ):
     main.add_command(command)
