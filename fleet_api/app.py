@@ -7,6 +7,7 @@ from typing import Any
 
 from flask import Flask
 
+from fleet_api import writeback
 from fleet_api.context import FleetContext
 from fleet_api.errors import FleetApi, register_error_handlers
 from fleet_api.resources import agents, health, pull, tasks, tokens, webhooks
@@ -22,11 +23,14 @@ def create_app(
     *,
     db: Database | None = None,
     publisher: Any = None,
+    sync_publisher: Any = None,
 ) -> Flask:
     """Build the API for ``settings`` (loaded from the environment when not given).
 
     ``publisher`` sends task wake-ups after commit; by default the Celery publisher for the
     configured broker (``publisher=False`` for none, e.g. in tests of the pull path alone).
+    ``sync_publisher`` queues the Forgejo write-back's syncs after commit; by default that
+    same Celery publisher when it is the default one (a test's recorder of wake-ups gets none).
     """
     settings = settings or load_settings()
     app = Flask(__name__)
@@ -45,11 +49,14 @@ def create_app(
     ctx = FleetContext(settings=settings, db=db)
     if publisher is None:
         publisher = _celery_publisher(settings)
+        sync_publisher = publisher if sync_publisher is None else sync_publisher
     if publisher:
         ctx.publish = publisher.publish
         ctx.broker_check = getattr(publisher, "check", None)
     if settings.forgejo.enabled:
         ctx.pr_check = make_pr_check(settings)
+        if sync_publisher:
+            writeback.install(ctx, db, sync_publisher)
     app.extensions["fleet"] = ctx
 
     api = FleetApi(app, spec_kwargs=_spec_kwargs())

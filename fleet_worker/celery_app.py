@@ -20,9 +20,10 @@ from celery import Celery
 from celery.app.amqp import AMQP
 
 from fleet_common.settings import Settings
+from fleet_worker.filesystem_broker import TRANSPORT as FILESYSTEM_TRANSPORT
 from fleet_worker.runtime import Runtime
-from fleet_worker.schedule import SWEEPS_QUEUE, beat_schedule
-from fleet_worker.tasks import reconcile, sweeps
+from fleet_worker.schedule import FORGEJO_QUEUE, SWEEPS_QUEUE, beat_schedule
+from fleet_worker.tasks import forgejo, reconcile, sweeps
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,10 @@ def make_celery(settings: Settings) -> FleetCelery:
         timezone="UTC",
         enable_utc=True,
         task_default_queue=DEFAULT_QUEUE,
-        task_routes={"fleet.sweep.*": {"queue": SWEEPS_QUEUE}},
+        task_routes={
+            "fleet.sweep.*": {"queue": SWEEPS_QUEUE},
+            "fleet.forgejo.*": {"queue": FORGEJO_QUEUE},
+        },
         # A task is acknowledged after it ran, and requeued if its process dies: a worker
         # lost mid-task loses nothing. Prefetch 1: a busy process hoards no messages.
         task_acks_late=True,
@@ -148,13 +152,18 @@ def make_celery(settings: Settings) -> FleetCelery:
         task_send_sent_event=True,
         beat_schedule=beat_schedule(settings),
     )
+    if settings.broker_url.startswith("filesystem:"):
+        # kombu's own lets a consumer read a message half written (fleet_worker.filesystem_broker).
+        app.conf.broker_transport = FILESYSTEM_TRANSPORT
     sweeps.register(app)
     reconcile.register(app)
+    forgejo.register(app)
     return app
 
 
 def run_beat(settings: Settings, *, loglevel: str = "INFO", hostname: str = "fleet-beat@%h") -> int:
-    """``fleet beat``: one Celery worker with embedded beat that consumes only the sweeps queue.
+    """``fleet beat``: one Celery worker with embedded beat that consumes the sweeps queue and
+    the Forgejo write-back's queue.
 
     Running only the API and this gets every sweep done. Two at once are harmless: the sweeps
     are ``SKIP LOCKED`` and idempotent, and only the first takes the persistent schedule file
@@ -166,9 +175,10 @@ def run_beat(settings: Settings, *, loglevel: str = "INFO", hostname: str = "fle
         "worker",
         "--beat",
         "--queues",
-        SWEEPS_QUEUE,
+        f"{SWEEPS_QUEUE},{FORGEJO_QUEUE}",
+        # Two: a sweep need not wait behind a Forgejo write-back (short timeouts bound those).
         "--concurrency",
-        "1",
+        "2",
         "--pool",
         "prefork",
         "--hostname",
