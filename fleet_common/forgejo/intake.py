@@ -5,8 +5,9 @@ Steps: store the delivery (its id and its body digest are unique, so a redeliver
 replay, which carries a new id, are both dropped as ``duplicate``), drop the echoes of Fleet's
 own write-back (comment and label events sent by ``bot_login``), then route on the event kind:
 
-- issue opened / reopened / labelled, qualifying, no active task → a new task; a queued task
-  follows a label change (its requirements) and an edit (title and prompt);
+- issue opened / reopened / labelled, qualifying, no active task → a new task (for a label
+  change only when it asks for one: ``issues.labelled_again``); a queued task follows a label
+  change (its requirements) and an edit (title and prompt);
 - issue closed, or labels changed so that it no longer qualifies → its task is cancelled
   (``cancelled_by_issue``) unless it is in review or its PR was merged already;
 - pull request opened / reopened / edited / synchronized → attached to the tasks it belongs to
@@ -50,7 +51,8 @@ PR_KINDS = frozenset(
     {K.PR_OPENED, K.PR_EDITED, K.PR_SYNCHRONIZED, K.PR_MERGED, K.PR_CLOSED, K.PR_REOPENED}
 )
 _CREATING = frozenset({K.ISSUE_OPENED, K.ISSUE_REOPENED, K.ISSUE_LABEL_UPDATED})
-_STOPPING = frozenset({K.ISSUE_CLOSED, K.ISSUE_LABEL_UPDATED, K.ISSUE_LABEL_CLEARED})
+_LABELLING = frozenset({K.ISSUE_LABEL_UPDATED, K.ISSUE_LABEL_CLEARED})
+_STOPPING = frozenset({K.ISSUE_CLOSED, *_LABELLING})
 
 
 @dataclass
@@ -130,6 +132,17 @@ def _issue_event(
     actor = _actor(delivery)
     qualifying = issues.qualifies(settings.forgejo, issue.labels, issue.state)
     if qualifying and kind in _CREATING:
+        active = issues.active_task(session, repo, issue.number)
+        if active is not None and kind == K.ISSUE_LABEL_UPDATED:
+            return _relabel(session, settings, active, issue.labels, actor, now)
+        if active is not None:
+            return IntakeResult("exists", active.id)
+        latest = issues.latest_task(session, repo, issue.number)
+        if kind == K.ISSUE_LABEL_UPDATED and not issues.labelled_again(
+            session, settings.forgejo, latest, issue.labels
+        ):
+            detail = f"issue #{issue.number}: its task {latest.id if latest else ''} is over"
+            return IntakeResult("unchanged", detail)
         opened = issues.open_task(
             session,
             settings,
@@ -144,10 +157,10 @@ def _issue_event(
             return IntakeResult("rejected", opened.detail, error=opened.detail)
         if opened.outcome == "created" and task is not None:
             return IntakeResult("created", task.id, [task.id], [issues.wake(task)])
-        if task is not None and kind == K.ISSUE_LABEL_UPDATED:
-            return _relabel(session, settings, task, issue.labels, actor, now)
-        return IntakeResult("exists", task.id if task else "", [])
+        return IntakeResult("exists", task.id if task else "")
     task = issues.active_task(session, repo, issue.number)
+    if task is None and not qualifying and kind in _LABELLING:
+        return IntakeResult(issues.UNQUALIFIED)  # remembered: see issues.labelled_again
     if task is None:
         return IntakeResult("no_task", f"issue #{issue.number}")
     if kind == K.ISSUE_EDITED:

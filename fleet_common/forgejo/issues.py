@@ -27,6 +27,7 @@ from fleet_common.dispatch.routing import (
 from fleet_common.errors import FleetError, InvalidInput
 from fleet_common.forgejo import prs
 from fleet_common.forgejo.events import IssueInfo
+from fleet_common.forgejo.models import WebhookDelivery
 from fleet_common.settings import ForgejoSettings, Settings
 from fleet_common.sweeps import Publish
 from fleet_common.tasks import service, state
@@ -36,14 +37,69 @@ from fleet_common.tasks.state import Reason
 log = logging.getLogger("fleet.forgejo")
 
 DEFAULT_PROMPT_TEMPLATE = "{title}\n\n{body}"
+#: The outcome stored for a label event that leaves an issue without a task unqualified: the
+#: marker :func:`labelled_again` looks for.
+UNQUALIFIED = "unqualified"
 MAX_TITLE = 500
+
+
+def qualifying_labels(forgejo: ForgejoSettings, labels: Iterable[str]) -> set[str]:
+    """The labels that make an issue Fleet's: the trigger label and every ``agent:`` label."""
+    return {lb for lb in labels if lb == forgejo.trigger_label or lb.startswith(AGENT_LABEL_PREFIX)}
 
 
 def qualifies(forgejo: ForgejoSettings, labels: Iterable[str], issue_state: str) -> bool:
     """An open issue with the trigger label or any ``agent:`` label."""
-    if issue_state != "open":
+    return issue_state == "open" and bool(qualifying_labels(forgejo, labels))
+
+
+def latest_task(session: Session, repo: str, number: int) -> Task | None:
+    """The issue's newest task, whatever its status."""
+    query = (
+        select(Task)
+        .where(Task.repo == repo, Task.issue_number == number)
+        .order_by(Task.created_at.desc(), Task.id.desc())
+    )
+    return session.scalars(query.limit(1)).first()
+
+
+def labelled_again(
+    session: Session,
+    forgejo: ForgejoSettings,
+    latest: Task | None,
+    labels: Iterable[str],
+    *,
+    before: dt.datetime | None = None,
+) -> bool:
+    """Whether a label change on an issue whose last task is over asks for a new task.
+
+    Forgejo's label events carry no diff, so this compares with what Fleet stored: a new task
+    when the issue had none, when its last one was cancelled because the issue stopped
+    qualifying, when a qualifying label appeared that the last task did not have, or when a
+    label event since that task ended left the issue unqualified (the label was removed and
+    added again). Otherwise (a person tags a finished issue ``priority/high``) nothing starts.
+    ``before`` ignores what Fleet learnt at or after that moment (reconcile's list is older).
+    """
+    if latest is None:
+        return True
+    if latest.status not in TERMINAL:
         return False
-    return any(lb == forgejo.trigger_label or lb.startswith(AGENT_LABEL_PREFIX) for lb in labels)
+    ended = latest.finished_at or latest.updated_at
+    if before is not None and ended >= before:
+        return False
+    if latest.failure_reason == Reason.CANCELLED_BY_ISSUE:
+        return True
+    if qualifying_labels(forgejo, labels) - qualifying_labels(forgejo, latest.labels or []):
+        return True
+    query = select(WebhookDelivery.id).where(
+        WebhookDelivery.received_at > ended,
+        WebhookDelivery.repo == latest.repo,
+        WebhookDelivery.number == latest.issue_number,
+        WebhookDelivery.outcome == UNQUALIFIED,
+    )
+    if before is not None:
+        query = query.where(WebhookDelivery.received_at < before)
+    return session.scalars(query.limit(1)).first() is not None
 
 
 def issue_from_api(issue: dict[str, Any]) -> IssueInfo:

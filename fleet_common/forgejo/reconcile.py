@@ -5,9 +5,11 @@ Forgejo never retries a failed delivery, so a periodic sweep (``fleet.sweep.reco
 task table and repairs it:
 
 1. **Open side.** Every open qualifying issue gets a task when it has none at all, or when its
-   latest task was cancelled because the issue stopped qualifying (it qualifies again, so the
-   event that made it qualify was lost). An issue whose task completed or failed is left alone:
-   a new task needs a new qualifying event, or every failed issue would be retried forever.
+   latest task ended and the issue was labelled again since (``issues.labelled_again``: it was
+   cancelled because the issue stopped qualifying, or a qualifying label is new, or a label
+   event left it unqualified in between), so the event that made it qualify was lost. An issue
+   whose task completed or failed is otherwise left alone: a new task needs a new qualifying
+   event, or every failed issue would be retried forever.
 2. **Closed side.** Active tasks (queued, dispatched, running) whose issue is closed, gone, or
    no longer qualifying are cancelled (``cancelled_by_issue``), as the webhook would have.
    Tasks created after the sweep started are left alone: the issue list may predate them.
@@ -37,7 +39,6 @@ from fleet_common.forgejo.receipts import verify_pull
 from fleet_common.settings import Settings
 from fleet_common.sweeps import Publish
 from fleet_common.tasks.models import TERMINAL, Task, TaskStatus
-from fleet_common.tasks.state import Reason
 
 log = logging.getLogger("fleet.forgejo")
 
@@ -100,7 +101,13 @@ def _open_side(
         n for n, i in open_issues.items() if issues.qualifies(settings.forgejo, i.labels, i.state)
     ]
     latest = _latest_tasks(session, repo, wanted)
-    missing = [n for n in sorted(wanted) if _needs_task(latest.get(n), now)]
+    missing = [
+        number
+        for number in sorted(wanted)
+        if issues.labelled_again(
+            session, settings.forgejo, latest.get(number), open_issues[number].labels, before=now
+        )
+    ]
     clone_url = ""
     for number in missing[: settings.orchestrator.sweep_batch_size]:
         if not clone_url:
@@ -119,18 +126,6 @@ def _open_side(
             result.publish.append(issues.wake(opened.task))
         elif opened.outcome == "rejected":
             health.record_error(session, repo, opened.detail, now)
-
-
-def _needs_task(latest: Task | None, now: dt.datetime) -> bool:
-    if latest is None:
-        return True
-    # Cancelled before this sweep began, so the issue list (fetched after) already shows what
-    # came after the cancellation.
-    return (
-        latest.status == TaskStatus.CANCELLED
-        and latest.failure_reason == Reason.CANCELLED_BY_ISSUE
-        and latest.updated_at < now
-    )
 
 
 def _latest_tasks(session: Session, repo: str, numbers: list[int]) -> dict[int, Task]:

@@ -212,3 +212,25 @@ def test_intake_does_not_call_forgejo(forge: Forge) -> Any:
     forge.fake.set_issue_state(forge.repo, number, "closed")
     forge.send("issues", "closed", number)
     assert forge.fake.calls == []
+
+
+def test_label_changes_on_a_finished_issue_start_nothing_unless_it_is_labelled_again(
+    forge: Forge,
+) -> None:
+    number, _ = forge.open_issue(labels=("fleet",))
+    [first] = forge.tasks()
+    forge.api.post(f"/tasks/{first.id}/cancel")  # an operator stopped it; the issue stays open
+    forge.fake.label_issue(forge.repo, number, "priority/high")
+    assert forge.send("issues", "label_updated", number)["outcome"] == "unchanged"
+    # Removing the trigger label and adding it back asks for a new run.
+    forge.fake.unlabel_issue(forge.repo, number, "fleet")
+    assert forge.send("issues", "label_updated", number)["outcome"] == "unqualified"
+    forge.fake.label_issue(forge.repo, number, "fleet")
+    assert forge.send("issues", "label_updated", number)["outcome"] == "created"
+    second = forge.tasks()[-1]
+    forge.api.post(f"/tasks/{second.id}/cancel")
+    # So does a qualifying label the last task did not have.
+    forge.fake.label_issue(forge.repo, number, "agent:code:go")
+    assert forge.send("issues", "label_updated", number)["outcome"] == "created"
+    assert [t.status for t in forge.tasks()] == ["cancelled", "cancelled", "queued"]
+    assert forge.tasks()[-1].requirements == ["code:go"]

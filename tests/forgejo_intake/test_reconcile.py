@@ -91,6 +91,12 @@ def test_a_finished_task_is_not_redone_but_a_requalified_issue_is(
     [created] = result.created
     assert forge.task(created).issue_number == again
     assert [t.status for t in forge.tasks() if t.issue_number == done_issue] == ["cancelled"]
+    # Its label removed (seen) and added back (webhook lost): that is a request for a new run.
+    forge.fake.unlabel_issue(forge.repo, done_issue, "fleet")
+    assert forge.send("issues", "label_updated", done_issue)["outcome"] == "unqualified"
+    forge.fake.label_issue(forge.repo, done_issue, "fleet")
+    [rerun] = run(forge.db, settings, forgejo).created
+    assert forge.task(rerun).issue_number == done_issue
 
 
 def test_review_follows_prs_whose_webhooks_were_lost(
