@@ -37,7 +37,8 @@ from fleet_common.tasks.models import Task
 log = logging.getLogger("fleet.forgejo")
 
 ClientFactory = Callable[[], ForgejoClient]
-#: The check runs while the task row is locked: keep Forgejo's answer short.
+#: The check runs while the task row is locked and the agent waits for its answer: one try,
+#: a short timeout, and an outage means "accepted provisionally" (see the module docstring).
 RECEIPT_TIMEOUT_SECS = 5.0
 # …/owner/repo/pulls/N, also a tab of it (/files, /commits) and the API's …/repos/o/r/pulls/N.
 _PR_PATH = re.compile(
@@ -56,7 +57,7 @@ def make_pr_check(settings: Settings, client_factory: ClientFactory | None = Non
     server_url = forgejo.url or None
 
     def default_factory() -> ForgejoClient:
-        return forgejo_client(forgejo, timeout=RECEIPT_TIMEOUT_SECS, retries=1)
+        return forgejo_client(forgejo, timeout=RECEIPT_TIMEOUT_SECS, retries=0)
 
     factory = client_factory or default_factory
 
