@@ -67,6 +67,54 @@ class Api:
 
 # --- Shared pieces of the API acceptance tests (tests/api/test_*.py) ---------------------------
 
+# Every (rule, method) the app serves, and who may call it:
+#   public  - anyone;  join - a join token in the body;  admin - admin tokens only;
+#   agent   - an agent token, acting for itself;  lease - the agent holding the task's lease;
+#   command - the agent the command is for;  self_or_admin - that agent itself, or an admin;
+#   hmac    - a Forgejo delivery signed with the webhook secret (no bearer token counts).
+ENDPOINT_ACCESS: dict[tuple[str, str], str] = {
+    ("/static/<path:filename>", "GET"): "public",
+    ("/openapi.json", "GET"): "public",
+    ("/docs", "GET"): "public",
+    ("/healthz", "GET"): "public",
+    ("/readyz", "GET"): "public",
+    ("/metrics", "GET"): "public",
+    ("/api/v1/tasks", "GET"): "admin",
+    ("/api/v1/tasks", "POST"): "admin",
+    ("/api/v1/tasks/<task_id>", "GET"): "admin",
+    ("/api/v1/tasks/<task_id>", "PATCH"): "admin",
+    ("/api/v1/tasks/<task_id>/events", "GET"): "admin",
+    ("/api/v1/tasks/<task_id>/logs", "GET"): "admin",
+    ("/api/v1/tasks/<task_id>/retry", "POST"): "admin",
+    ("/api/v1/tasks/<task_id>/cancel", "POST"): "admin",
+    ("/api/v1/tasks/dequeue", "POST"): "agent",
+    ("/api/v1/tasks/<task_id>/status", "POST"): "lease",
+    ("/api/v1/tasks/<task_id>/logs", "POST"): "lease",
+    ("/api/v1/tasks/<task_id>/complete", "POST"): "lease",
+    ("/api/v1/tasks/<task_id>/fail", "POST"): "lease",
+    ("/api/v1/receipts", "POST"): "lease",
+    ("/api/v1/agents/register", "POST"): "join",
+    ("/api/v1/agents/heartbeat", "POST"): "agent",
+    ("/api/v1/agents/deregister", "POST"): "agent",
+    ("/api/v1/agents", "GET"): "admin",
+    ("/api/v1/agents/<agent_id>", "GET"): "admin",
+    ("/api/v1/agents/<agent_id>", "PATCH"): "admin",
+    ("/api/v1/agents/<agent_id>", "DELETE"): "admin",
+    ("/api/v1/agents/<agent_id>/commands", "GET"): "admin",
+    ("/api/v1/agents/<agent_id>/commands", "POST"): "admin",
+    ("/api/v1/agents/commands/<command_id>/ack", "POST"): "command",
+    ("/api/v1/agents/commands/<command_id>/complete", "POST"): "command",
+    ("/api/v1/agents/<agent_id>/rotate-token", "POST"): "self_or_admin",
+    ("/api/v1/join-tokens", "GET"): "admin",
+    ("/api/v1/join-tokens", "POST"): "admin",
+    ("/api/v1/join-tokens/<token_id>", "DELETE"): "admin",
+    ("/api/v1/admin-tokens", "GET"): "admin",
+    ("/api/v1/admin-tokens", "POST"): "admin",
+    ("/api/v1/admin-tokens/<token_id>", "DELETE"): "admin",
+    ("/api/v1/webhooks/forgejo", "POST"): "hmac",
+    ("/api/v1/intake/health", "GET"): "admin",
+}
+
 ERROR_KEYS = {"code", "status", "message", "errors", "reason"}
 
 

@@ -16,55 +16,16 @@ import pytest
 
 from fleet_common.auth import service as auth
 from fleet_common.auth.models import TokenKind
-from tests.api_helpers import Api, assert_error, dequeue, new_task, snapshot, task_row
+from tests.api_helpers import (
+    ENDPOINT_ACCESS,
+    Api,
+    assert_error,
+    dequeue,
+    new_task,
+    snapshot,
+    task_row,
+)
 
-# Every (rule, method) the app serves, and who may call it:
-#   public  - anyone;  join - a join token in the body;  admin - admin tokens only;
-#   agent   - an agent token, acting for itself;  lease - the agent holding the task's lease;
-#   command - the agent the command is for;  self_or_admin - that agent itself, or an admin;
-#   hmac    - a Forgejo delivery signed with the webhook secret (no bearer token counts).
-ACCESS: dict[tuple[str, str], str] = {
-    ("/static/<path:filename>", "GET"): "public",
-    ("/openapi.json", "GET"): "public",
-    ("/docs", "GET"): "public",
-    ("/healthz", "GET"): "public",
-    ("/readyz", "GET"): "public",
-    ("/metrics", "GET"): "public",
-    ("/api/v1/tasks", "GET"): "admin",
-    ("/api/v1/tasks", "POST"): "admin",
-    ("/api/v1/tasks/<task_id>", "GET"): "admin",
-    ("/api/v1/tasks/<task_id>", "PATCH"): "admin",
-    ("/api/v1/tasks/<task_id>/events", "GET"): "admin",
-    ("/api/v1/tasks/<task_id>/logs", "GET"): "admin",
-    ("/api/v1/tasks/<task_id>/retry", "POST"): "admin",
-    ("/api/v1/tasks/<task_id>/cancel", "POST"): "admin",
-    ("/api/v1/tasks/dequeue", "POST"): "agent",
-    ("/api/v1/tasks/<task_id>/status", "POST"): "lease",
-    ("/api/v1/tasks/<task_id>/logs", "POST"): "lease",
-    ("/api/v1/tasks/<task_id>/complete", "POST"): "lease",
-    ("/api/v1/tasks/<task_id>/fail", "POST"): "lease",
-    ("/api/v1/receipts", "POST"): "lease",
-    ("/api/v1/agents/register", "POST"): "join",
-    ("/api/v1/agents/heartbeat", "POST"): "agent",
-    ("/api/v1/agents/deregister", "POST"): "agent",
-    ("/api/v1/agents", "GET"): "admin",
-    ("/api/v1/agents/<agent_id>", "GET"): "admin",
-    ("/api/v1/agents/<agent_id>", "PATCH"): "admin",
-    ("/api/v1/agents/<agent_id>", "DELETE"): "admin",
-    ("/api/v1/agents/<agent_id>/commands", "GET"): "admin",
-    ("/api/v1/agents/<agent_id>/commands", "POST"): "admin",
-    ("/api/v1/agents/commands/<command_id>/ack", "POST"): "command",
-    ("/api/v1/agents/commands/<command_id>/complete", "POST"): "command",
-    ("/api/v1/agents/<agent_id>/rotate-token", "POST"): "self_or_admin",
-    ("/api/v1/join-tokens", "GET"): "admin",
-    ("/api/v1/join-tokens", "POST"): "admin",
-    ("/api/v1/join-tokens/<token_id>", "DELETE"): "admin",
-    ("/api/v1/admin-tokens", "GET"): "admin",
-    ("/api/v1/admin-tokens", "POST"): "admin",
-    ("/api/v1/admin-tokens/<token_id>", "DELETE"): "admin",
-    ("/api/v1/webhooks/forgejo", "POST"): "hmac",
-    ("/api/v1/intake/health", "GET"): "admin",
-}
 AUTHENTICATED = {"admin", "agent", "lease", "command", "self_or_admin"}
 
 
@@ -80,14 +41,14 @@ def served(app: Any) -> set[tuple[str, str]]:
 def test_every_endpoint_is_classified(app: Any, client: Any, world: World) -> None:
     """A new endpoint fails here until its access rule is written down and a request for it
     exists in World.requests (so the tests below exercise it)."""
-    assert served(app) == set(ACCESS)
+    assert served(app) == set(ENDPOINT_ACCESS)
     assert set(world.requests()) == set(keys(*AUTHENTICATED))
     documented = client.get("/openapi.json").get_json()["paths"]
     for path, operations in documented.items():
         rule = re.sub(r"\{(\w+)\}", r"<\1>", path)
         for method in operations:
             if method != "parameters":
-                assert (rule, method.upper()) in ACCESS, (path, method)
+                assert (rule, method.upper()) in ENDPOINT_ACCESS, (path, method)
 
 
 @dataclass
@@ -232,7 +193,7 @@ def world(client: Any, admin_token: str, db: Any) -> World:
 
 
 def keys(*access: str) -> list[tuple[str, str]]:
-    return [key for key, who in ACCESS.items() if who in access]
+    return [key for key, who in ENDPOINT_ACCESS.items() if who in access]
 
 
 def test_admin_only_endpoints_refuse_agent_tokens(world: World, db: Any) -> None:
