@@ -12,6 +12,7 @@ Every wait is a bounded poll on a condition; a failed wait shows the processes' 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -123,6 +124,7 @@ class Proc:
             start_new_session=True,
         )
         self.pid = self.proc.pid
+        self.stopping = False  # set once the test signals it: its exit is then expected
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -146,8 +148,14 @@ class Proc:
             time.sleep(0.1)
 
     def signal(self, sig: int) -> None:
+        self.stopping = True
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        """SIGKILL to this process alone (not its group), as a crash would."""
+        self.signal(signal.SIGKILL)
+        self.proc.wait(30)
 
     def wait(self, timeout: float = STOP_TIMEOUT) -> int:
         """The exit code; fails the test if the process does not exit within ``timeout``."""
@@ -283,6 +291,7 @@ class System:
         from fleet_api.app import create_app
 
         app = create_app(self.settings)
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
         publish = app.extensions["fleet"].publish
         self._publisher = getattr(publish, "__self__", None)
         self._server = make_server("127.0.0.1", 0, app, threaded=True)
@@ -376,6 +385,9 @@ class System:
             value = condition()
             if value:
                 return value
+            died = [p.name for p in self.processes if not p.stopping and not p.running()]
+            if died:
+                pytest.fail(f"{', '.join(died)} exited while waiting for {what}\n{self.logs()}")
             if time.monotonic() > deadline:
                 pytest.fail(f"timed out after {timeout}s waiting for {what}\n{self.logs()}")
             time.sleep(interval)

@@ -44,7 +44,9 @@ def test_a_killed_worker_takes_its_agent_along_and_the_task_is_retried_elsewhere
     system.start_beat()
     doomed.wait_for_log(" ready.")
 
-    task = system.submit("survive a crash", prompt="e2e-sleep=8", labels=["agent:loss"])
+    # The first attempt runs until it is killed; the retry is quick.
+    prompt = "survive a crash\ne2e-first-sleep=600\ne2e-sleep=1"
+    task = system.submit("survive a crash", prompt=prompt, labels=["agent:loss"])
     log = system.wait_log(task["id"], "e2e-child=", timeout=60)
     agent_pid, child_pid = agent_pids(log)
     assert system.task(task["id"])["status"] == "running"
@@ -52,8 +54,7 @@ def test_a_killed_worker_takes_its_agent_along_and_the_task_is_retried_elsewhere
     assert system.task(task["id"])["status"] == "running"  # still on the doomed worker
 
     killed_at = time.time()
-    doomed.proc.kill()  # SIGKILL to the worker process alone
-    doomed.proc.wait(30)
+    doomed.kill()  # SIGKILL to the worker process alone
     system.wait_for(
         lambda: not alive(agent_pid) and not alive(child_pid),
         timeout=5,
