@@ -69,7 +69,7 @@ class Sampler:
         active = dict.fromkeys(HOSTS, 0)
         for row in rows:
             if row.status in ACTIVE:
-                active[host_of[row.agent_id]] += 1
+                active[str(host_of[row.agent_id])] += 1
         self.samples += 1
         for host, count in active.items():
             self.peak[host] = max(self.peak.get(host, 0), count)
