@@ -4,6 +4,8 @@ A view decorated with :func:`admin`, :func:`agent` or :func:`public` runs inside
 work: the session is ``g.session``, the caller ``g.principal``. The boundary commits when the
 view returns (services only flush), then runs the callbacks registered with
 :func:`after_commit` (publishing wake-ups), so nothing is announced that was not stored.
+The guard goes first, above flask-smorest's decorators: the caller is authenticated before the
+request is parsed, so a request without a valid token is 401 whatever its body.
 """
 
 from __future__ import annotations

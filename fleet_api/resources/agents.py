@@ -142,9 +142,9 @@ def _orch() -> Any:
 
 @blp.route("/register")
 class Register(MethodView):
+    @context.public
     @blp.arguments(RegisterSchema)
     @blp.response(201, RegisteredSchema)
-    @context.public
     def post(self, body: dict[str, Any]) -> Any:
         """Register with a join token; the same ``host_uid`` again is the same agent."""
         registered = service.register(context.session(), body)
@@ -158,9 +158,9 @@ class Register(MethodView):
 
 @blp.route("/heartbeat")
 class Heartbeat(MethodView):
+    @context.agent
     @blp.arguments(HeartbeatSchema)
     @blp.response(200, HeartbeatReplySchema)
-    @context.agent
     def post(self, body: dict[str, Any]) -> Any:
         """Liveness, lease renewals, metadata; the reply carries desired state and commands."""
         reply = service.heartbeat(
@@ -182,8 +182,8 @@ class Heartbeat(MethodView):
 
 @blp.route("/deregister")
 class Deregister(MethodView):
-    @blp.response(200, AgentSchema)
     @context.agent
+    @blp.response(200, AgentSchema)
     def post(self) -> Any:
         """Leave: the agent goes offline and the tasks it holds are requeued."""
         return service.deregister(context.session(), _orch(), context.principal().agent_id or "")
@@ -191,10 +191,10 @@ class Deregister(MethodView):
 
 @blp.route("")
 class Agents(MethodView):
+    @context.admin
     @blp.arguments(AgentQuerySchema, location="query")
     @blp.response(200, AgentSchema(many=True))
     @blp.paginate(page_size=50, max_page_size=500)
-    @context.admin
     def get(self, query: dict[str, Any], pagination_parameters: Any) -> Any:
         """List agents; filter by status, desired state, capability, mode."""
         items, total = service.list_agents(
@@ -209,23 +209,23 @@ class Agents(MethodView):
 
 @blp.route("/<agent_id>")
 class AgentItem(MethodView):
-    @blp.response(200, AgentSchema)
     @context.admin
+    @blp.response(200, AgentSchema)
     def get(self, agent_id: str) -> Any:
         """Inspect an agent."""
         return service.get_agent(context.session(), agent_id)
 
+    @context.admin
     @blp.arguments(AgentPatchSchema)
     @blp.response(200, AgentSchema)
-    @context.admin
     def patch(self, body: dict[str, Any], agent_id: str) -> Any:
         """Change name, desired state or capabilities."""
         return service.update_agent(
             context.session(), agent_id, body, actor=context.principal().actor
         )
 
-    @blp.response(204)
     @context.admin
+    @blp.response(204)
     def delete(self, agent_id: str) -> Any:
         """Remove an agent: tokens revoked, tasks requeued."""
         service.delete_agent(context.session(), _orch(), agent_id, actor=context.principal().actor)
@@ -233,9 +233,9 @@ class AgentItem(MethodView):
 
 @blp.route("/<agent_id>/commands")
 class AgentCommands(MethodView):
+    @context.admin
     @blp.arguments(CommandCreateSchema)
     @blp.response(201, CommandSchema)
-    @context.admin
     def post(self, body: dict[str, Any], agent_id: str) -> Any:
         """Queue a command (drain, resume, restart, upgrade, cancel_task)."""
         s = context.session()
@@ -244,10 +244,10 @@ class AgentCommands(MethodView):
             s, _orch(), agent, body["kind"], body["payload"], actor=context.principal().actor
         )
 
+    @context.admin
     @blp.arguments(CommandQuerySchema, location="query")
     @blp.response(200, CommandSchema(many=True))
     @blp.paginate(page_size=50, max_page_size=500)
-    @context.admin
     def get(self, query: dict[str, Any], agent_id: str, pagination_parameters: Any) -> Any:
         """The agent's commands, newest first."""
         s = context.session()
@@ -265,8 +265,8 @@ class AgentCommands(MethodView):
 
 @blp.route("/commands/<command_id>/ack")
 class CommandAck(MethodView):
-    @blp.response(200, CommandSchema)
     @context.agent
+    @blp.response(200, CommandSchema)
     def post(self, command_id: str) -> Any:
         """Acknowledge one of this agent's commands."""
         return commands.acknowledge(
@@ -276,9 +276,9 @@ class CommandAck(MethodView):
 
 @blp.route("/commands/<command_id>/complete")
 class CommandComplete(MethodView):
+    @context.agent
     @blp.arguments(CommandCompleteSchema)
     @blp.response(200, CommandSchema)
-    @context.agent
     def post(self, body: dict[str, Any], command_id: str) -> Any:
         """Complete one of this agent's commands with a success flag and a result."""
         return commands.complete(
@@ -292,8 +292,8 @@ class CommandComplete(MethodView):
 
 @blp.route("/<agent_id>/rotate-token")
 class RotateToken(MethodView):
-    @blp.response(201, TokenReplySchema)
     @context.any_token
+    @blp.response(201, TokenReplySchema)
     def post(self, agent_id: str) -> Any:
         """A new agent token (admin, or the agent itself); the old one has a grace period."""
         who = context.principal()

@@ -111,10 +111,10 @@ def _claim_once() -> Claim | None:
 
 @blp.route("/tasks/dequeue")
 class Dequeue(MethodView):
+    @context.agent
     @blp.arguments(DequeueSchema)
     @blp.response(200, DequeuedSchema)
     @blp.alt_response(204, description="Nothing eligible")
-    @context.agent
     def post(self, body: dict[str, Any]) -> Any:
         """Claim the best eligible task, waiting up to ``wait_secs`` for one."""
         deadline = time.monotonic() + body["wait_secs"]
@@ -150,9 +150,9 @@ def _progress(held: lease.Held) -> dict[str, Any]:
 
 @blp.route("/tasks/<task_id>/status")
 class Status(MethodView):
+    @context.agent
     @blp.arguments(StatusSchema)
     @blp.response(200, ProgressReplySchema)
-    @context.agent
     def post(self, body: dict[str, Any], task_id: str) -> Any:
         """Report progress (``running``); the reply says whether to stop."""
         held = _held(task_id, body["lease_token"])
@@ -164,9 +164,9 @@ class Status(MethodView):
 
 @blp.route("/tasks/<task_id>/logs")
 class Logs(MethodView):
+    @context.agent
     @blp.arguments(LogChunkSchema)
     @blp.response(200, ProgressReplySchema)
-    @context.agent
     def post(self, body: dict[str, Any], task_id: str) -> Any:
         """Append a log chunk (a repeated ``seq`` is ignored, so retries are safe)."""
         held = _held(task_id, body["lease_token"])
@@ -193,9 +193,9 @@ def _complete(task_id: str, body: dict[str, Any]) -> Any:
 
 @blp.route("/tasks/<task_id>/complete")
 class Complete(MethodView):
+    @context.agent
     @blp.arguments(CompleteSchema)
     @blp.response(200, TaskSchema)
-    @context.agent
     def post(self, body: dict[str, Any], task_id: str) -> Any:
         """Hand back the receipt: completed, in_review, or a failed attempt."""
         return _complete(task_id, body)
@@ -203,9 +203,9 @@ class Complete(MethodView):
 
 @blp.route("/receipts")
 class Receipts(MethodView):
+    @context.agent
     @blp.arguments(ReceiptPostSchema)
     @blp.response(200, TaskSchema)
-    @context.agent
     def post(self, body: dict[str, Any]) -> Any:
         """The same as complete, with the task id in the body."""
         return _complete(body["task_id"], body)
@@ -213,9 +213,9 @@ class Receipts(MethodView):
 
 @blp.route("/tasks/<task_id>/fail")
 class Fail(MethodView):
+    @context.agent
     @blp.arguments(FailSchema)
     @blp.response(200, TaskSchema)
-    @context.agent
     def post(self, body: dict[str, Any], task_id: str) -> Any:
         """Report a failed attempt (retried while attempts remain, unless not retryable)."""
         held = _held(task_id, body["lease_token"])

@@ -112,10 +112,10 @@ def wake(task: Task) -> None:
 
 @blp.route("")
 class Tasks(MethodView):
+    @context.admin
     @blp.arguments(TaskCreateSchema)
     @blp.response(201, CreatedTaskSchema)
     @blp.alt_response(200, schema=CreatedTaskSchema, description="Idempotent replay")
-    @context.admin
     def post(self, body: dict[str, Any]) -> Any:
         """Create a task (``Idempotency-Key``: same key and body → the same task)."""
         key = request.headers.get("Idempotency-Key")
@@ -133,10 +133,10 @@ class Tasks(MethodView):
             wake(created.task)
         return Extended(created.task, warnings=created.warnings), 201 if created.created else 200
 
+    @context.admin
     @blp.arguments(TaskQuerySchema, location="query")
     @blp.response(200, TaskSchema(many=True))
     @blp.paginate(page_size=50, max_page_size=500)
-    @context.admin
     def get(self, query: dict[str, Any], pagination_parameters: Any) -> Any:
         """List tasks, newest first; filter by status (repeatable), agent, repo, label."""
         items, total = service.list_tasks(
@@ -154,15 +154,15 @@ class Tasks(MethodView):
 
 @blp.route("/<task_id>")
 class TaskItem(MethodView):
-    @blp.response(200, TaskSchema)
     @context.admin
+    @blp.response(200, TaskSchema)
     def get(self, task_id: str) -> Any:
         """Inspect a task."""
         return service.get_task(context.session(), task_id)
 
+    @context.admin
     @blp.arguments(TaskPatchSchema)
     @blp.response(200, TaskSchema)
-    @context.admin
     def patch(self, body: dict[str, Any], task_id: str) -> Any:
         """Change priority or assignment while the task is queued."""
         task = service.update_task(
@@ -174,8 +174,8 @@ class TaskItem(MethodView):
 
 @blp.route("/<task_id>/events")
 class TaskEvents(MethodView):
-    @blp.response(200, EventSchema(many=True))
     @context.admin
+    @blp.response(200, EventSchema(many=True))
     def get(self, task_id: str) -> Any:
         """The task's event history, oldest first."""
         return service.task_events(context.session(), task_id)
@@ -183,9 +183,9 @@ class TaskEvents(MethodView):
 
 @blp.route("/<task_id>/logs")
 class TaskLogs(MethodView):
+    @context.admin
     @blp.arguments(LogQuerySchema, location="query")
     @blp.response(200, LogSliceSchema)
-    @context.admin
     def get(self, query: dict[str, Any], task_id: str) -> Any:
         """The stored log from a byte offset."""
         s = context.session()
@@ -194,8 +194,8 @@ class TaskLogs(MethodView):
 
 @blp.route("/<task_id>/retry")
 class TaskRetry(MethodView):
-    @blp.response(200, TaskSchema)
     @context.admin
+    @blp.response(200, TaskSchema)
     def post(self, task_id: str) -> Any:
         """Queue a failed task again now, with a fresh retry budget."""
         task = service.retry_task(context.session(), task_id, actor=context.principal().actor)
@@ -205,8 +205,8 @@ class TaskRetry(MethodView):
 
 @blp.route("/<task_id>/cancel")
 class TaskCancel(MethodView):
-    @blp.response(200, TaskSchema)
     @context.admin
+    @blp.response(200, TaskSchema)
     def post(self, task_id: str) -> Any:
         """Cancel a task; a running agent is told in its next reply."""
         return service.cancel_task(context.session(), task_id, actor=context.principal().actor)

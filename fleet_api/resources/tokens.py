@@ -63,17 +63,17 @@ def _paged(kind: TokenKind, pagination_parameters: Any) -> Any:
 
 @blp.route("/join-tokens")
 class JoinTokens(MethodView):
+    @context.admin
     @blp.arguments(JoinTokenCreateSchema)
     @blp.response(201, MintedSchema)
-    @context.admin
     def post(self, body: dict[str, Any]) -> Any:
         """Mint a one-time join token (shown once)."""
         ttl = body.get("ttl_secs") or context.fleet().settings.orchestrator.join_token_ttl_secs
         return _mint(TokenKind.JOIN, body["name"], ttl)
 
+    @context.admin
     @blp.response(200, TokenSchema(many=True))
     @blp.paginate(page_size=50, max_page_size=500)
-    @context.admin
     def get(self, pagination_parameters: Any) -> Any:
         """List join tokens (never their secrets)."""
         return _paged(TokenKind.JOIN, pagination_parameters)
@@ -81,8 +81,8 @@ class JoinTokens(MethodView):
 
 @blp.route("/join-tokens/<token_id>")
 class JoinTokenItem(MethodView):
-    @blp.response(204)
     @context.admin
+    @blp.response(204)
     def delete(self, token_id: str) -> Any:
         """Revoke a join token."""
         service.revoke(context.session(), TokenKind.JOIN, token_id, actor=context.principal().actor)
@@ -90,16 +90,16 @@ class JoinTokenItem(MethodView):
 
 @blp.route("/admin-tokens")
 class AdminTokens(MethodView):
+    @context.admin
     @blp.arguments(AdminTokenCreateSchema)
     @blp.response(201, MintedSchema)
-    @context.admin
     def post(self, body: dict[str, Any]) -> Any:
         """Mint an admin token (shown once)."""
         return _mint(TokenKind.ADMIN, body["name"], None)
 
+    @context.admin
     @blp.response(200, TokenSchema(many=True))
     @blp.paginate(page_size=50, max_page_size=500)
-    @context.admin
     def get(self, pagination_parameters: Any) -> Any:
         """List admin tokens (never their secrets)."""
         return _paged(TokenKind.ADMIN, pagination_parameters)
@@ -107,8 +107,8 @@ class AdminTokens(MethodView):
 
 @blp.route("/admin-tokens/<token_id>")
 class AdminTokenItem(MethodView):
-    @blp.response(204)
     @context.admin
+    @blp.response(204)
     def delete(self, token_id: str) -> Any:
         """Revoke an admin token."""
         service.revoke(
