@@ -230,6 +230,24 @@ def test_without_a_valid_token_everything_is_401(world: World, db: Any) -> None:
     assert snapshot(db) == before
 
 
+def test_authentication_comes_before_validation(world: World, db: Any) -> None:
+    """An unauthenticated request with a bad body or query is 401, not 422: a caller without a
+    valid token learns nothing about the request format, and an agent whose token was revoked
+    is told so whatever it sent."""
+    before = snapshot(db)
+    for key in keys(*AUTHENTICATED):
+        path, kwargs = world.requests()[key]
+        sep = "&" if "?" in path else "?"
+        bad = {"json": {"wait_secs": "x", "title": 5, "lease_token": 7, "success": "?"}}
+        if key[1] == "GET":
+            bad = {}
+            path = f"{path}{sep}page=0&page_size=-1&offset=-5&status=bogus"
+        for token in ("", world.revoked_admin):
+            assert_error(world.api.call(key[1].lower(), path, token=token, **bad), 401)
+        del kwargs
+    assert snapshot(db) == before
+
+
 def test_revoked_and_misused_tokens_are_401(world: World, db: Any) -> None:
     join_secret = world.api.post("/join-tokens", json={}).get_json()["token"]
     before = snapshot(db)
