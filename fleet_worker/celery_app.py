@@ -21,6 +21,7 @@ from celery.app.amqp import AMQP
 
 from fleet_common.settings import Settings
 from fleet_worker.filesystem_broker import TRANSPORT as FILESYSTEM_TRANSPORT
+from fleet_worker.redis_broker import TRANSPORT as REDIS_TRANSPORT
 from fleet_worker.runtime import Runtime
 from fleet_worker.schedule import FORGEJO_QUEUE, SWEEPS_QUEUE, beat_schedule
 from fleet_worker.tasks import forgejo, reconcile, sweeps
@@ -155,6 +156,10 @@ def make_celery(settings: Settings) -> FleetCelery:
     if settings.broker_url.startswith("filesystem:"):
         # kombu's own lets a consumer read a message half written (fleet_worker.filesystem_broker).
         app.conf.broker_transport = FILESYSTEM_TRANSPORT
+    elif settings.broker_url.startswith("redis:"):
+        # kombu's own stops the worker when Redis drops during a task (fleet_worker.redis_broker).
+        # Not for rediss://: naming a transport skips kombu's check that TLS is configured.
+        app.conf.broker_transport = REDIS_TRANSPORT
     sweeps.register(app)
     reconcile.register(app)
     forgejo.register(app)
