@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fleet_common import sweeps
+from fleet_common.agents import commands
 from fleet_common.db import utcnow
 from tests.api_helpers import (
     Api,
@@ -15,7 +16,6 @@ from tests.api_helpers import (
     row_counts,
     run_sweep,
     stack,
-    wait_until,
 )
 
 
@@ -98,24 +98,30 @@ def test_command_lifecycle(tmp_path: Path, database_url: str) -> None:
         assert beat(api, token) == []
 
 
-def test_unacknowledged_commands_are_redelivered(tmp_path: Path, database_url: str) -> None:
-    """The redelivery window is one lease period (1 s here); an acknowledged command is never
-    handed out again."""
-    with stack(tmp_path, database_url, lease_secs=1) as st:
-        api = st.api
-        reg = api.register("builder")
-        agent_id, token = reg["agent"]["id"], reg["agent_token"]
-        first = api.post(f"/agents/{agent_id}/commands", json={"kind": "restart"}).get_json()
-        second = api.post(
-            f"/agents/{agent_id}/commands",
-            json={"kind": "cancel_task", "payload": {"task_id": "x"}},
-        ).get_json()
-        assert [c["id"] for c in beat(api, token)] == [first["id"], second["id"]]
-        assert beat(api, token) == []
-        ack = api.post(f"/agents/commands/{second['id']}/ack", json={}, token=token)
-        assert ack.status_code == 200
-        again = wait_until(lambda: beat(api, token), timeout=5, what="a redelivery")
-        assert [c["id"] for c in again] == [first["id"]]
+def test_unacknowledged_commands_are_redelivered(client: Any, admin_token: str, db: Any) -> None:
+    """Handed out once; one not acknowledged within the redelivery window (a lease period) is
+    handed out again, an acknowledged one never. The clock is moved through the service."""
+    api = Api(client, admin_token)
+    reg = api.register("builder")
+    agent_id, token = reg["agent"]["id"], reg["agent_token"]
+    first = api.post(f"/agents/{agent_id}/commands", json={"kind": "restart"}).get_json()
+    second = api.post(
+        f"/agents/{agent_id}/commands", json={"kind": "cancel_task", "payload": {"task_id": "x"}}
+    ).get_json()
+    assert [c["id"] for c in beat(api, token)] == [first["id"], second["id"]]
+    assert beat(api, token) == []
+    ack = api.post(f"/agents/commands/{second['id']}/ack", json={}, token=token)
+    assert ack.status_code == 200
+
+    delivered_at = dt.datetime.fromisoformat(listed(api, agent_id)[first["id"]]["delivered_at"])
+    orch = client.application.extensions["fleet"].settings.orchestrator
+    window = dt.timedelta(seconds=orch.lease_secs)
+    with db.session() as session:
+        assert commands.deliver(session, orch, agent_id, now=delivered_at + window / 2) == []
+    with db.session() as session:
+        again = commands.deliver(session, orch, agent_id, now=delivered_at + window * 1.5)
+        assert [c.id for c in again] == [first["id"]]
+    assert listed(api, agent_id)[first["id"]]["status"] == "pending"
 
 
 def test_pending_commands_expire(tmp_path: Path, database_url: str) -> None:

@@ -137,9 +137,9 @@ def test_expired_lease_is_requeued_and_the_zombie_is_fenced(
 
 
 def test_fencing_in_real_time_through_dequeue(tmp_path: Path, database_url: str) -> None:
-    """The same story on the wall clock: a 1 s lease runs out, the sweep (run at the real time)
+    """The same story on the wall clock: a 2 s lease runs out, the sweep (run at the real time)
     requeues the task, and B long-polls dequeue until the 1 s backoff is over."""
-    with stack(tmp_path, database_url, lease_secs=1, retry_backoff_base_secs=1) as st:
+    with stack(tmp_path, database_url, lease_secs=2, retry_backoff_base_secs=1) as st:
         api = st.api
         task = new_task(api)
         a = api.register("zombie")

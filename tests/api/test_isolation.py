@@ -236,7 +236,7 @@ def test_authentication_comes_before_validation(world: World, db: Any) -> None:
     is told so whatever it sent."""
     before = snapshot(db)
     for key in keys(*AUTHENTICATED):
-        path, kwargs = world.requests()[key]
+        path, _ = world.requests()[key]
         sep = "&" if "?" in path else "?"
         bad = {"json": {"wait_secs": "x", "title": 5, "lease_token": 7, "success": "?"}}
         if key[1] == "GET":
@@ -244,7 +244,6 @@ def test_authentication_comes_before_validation(world: World, db: Any) -> None:
             path = f"{path}{sep}page=0&page_size=-1&offset=-5&status=bogus"
         for token in ("", world.revoked_admin):
             assert_error(world.api.call(key[1].lower(), path, token=token, **bad), 401)
-        del kwargs
     assert snapshot(db) == before
 
 
