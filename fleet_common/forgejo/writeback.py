@@ -170,8 +170,9 @@ def watch(
             except Exception:
                 log.exception("forgejo write-back: could not queue %d sync(s)", len(ids))
 
-    def rolled_back(session: Session, *_: Any) -> None:
-        session.info.pop(_CHANGED, None)
+    def rolled_back(session: Session, transaction: Any) -> None:
+        if not transaction.nested:  # a savepoint's rollback leaves the outer changes standing
+            session.info.pop(_CHANGED, None)
 
     event.listen(factory, "before_flush", collect)
     event.listen(factory, "after_commit", committed)

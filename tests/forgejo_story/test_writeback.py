@@ -249,6 +249,14 @@ def test_watch_reports_committed_state_changes_of_forgejo_tasks(story: Story) ->
         session.flush()
         raise RuntimeError("rolled back")
     assert len(seen) == 2
+    with story.db.session() as session:  # a savepoint rolled back: the outer change stands
+        task = session.get(Task, story.task_id)
+        assert task is not None
+        task.event_seq += 1
+        session.flush()
+        with pytest.raises(RuntimeError), session.begin_nested():
+            raise RuntimeError("savepoint only")
+    assert seen[-1] == [story.task_id] and len(seen) == 3
 
 
 def test_desired_view_is_pure() -> None:
