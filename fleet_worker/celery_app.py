@@ -18,6 +18,7 @@ from typing import IO, Any
 
 from celery import Celery
 from celery.app.amqp import AMQP
+from kombu import Connection
 
 from fleet_common.settings import Settings
 from fleet_worker.filesystem_broker import TRANSPORT as FILESYSTEM_TRANSPORT
@@ -40,6 +41,22 @@ MIN_VISIBILITY_TIMEOUT_SECS = 3600
 #: How often an idle consumer of the filesystem broker looks for messages. kombu's default (1 s)
 #: also paces a busy one: with prefetch 1, each message after the first waits for the next poll.
 FILESYSTEM_POLLING_INTERVAL_SECS = 0.05
+#: Longest pause between two attempts to reach a lost broker. kombu's grows by 2 s per attempt
+#: up to 30 s, so after a minute's outage a worker could stay deaf 10 s and more once the broker
+#: is back; retried this often, it hears wake-ups again within seconds.
+BROKER_RECONNECT_MAX_SECS = 2
+
+
+class FleetConnection(Connection):
+    """A broker connection that retries a lost broker at least every BROKER_RECONNECT_MAX_SECS
+    (Celery's consumer and beat pass no intervals to ``ensure_connection``)."""
+
+    def ensure_connection(self, *args: Any, **kwargs: Any) -> Any:
+        if len(args) <= 2:  # (errback, max_retries): the intervals come next
+            kwargs.setdefault("interval_start", 1)
+            kwargs.setdefault("interval_step", 1)
+            kwargs.setdefault("interval_max", BROKER_RECONNECT_MAX_SECS)
+        return super().ensure_connection(*args, **kwargs)
 
 
 class FleetAMQP(AMQP):
@@ -50,6 +67,7 @@ class FleetAMQP(AMQP):
     ``:`` and ``+`` in exchange names."""
 
     autoexchange = staticmethod(lambda _name: None)
+    Connection = FleetConnection
 
 
 class FleetCelery(Celery):
@@ -129,6 +147,9 @@ def make_celery(settings: Settings) -> FleetCelery:
         broker_transport_options=broker_transport_options(settings),
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=BROKER_CONNECT_TIMEOUT_SECS,
+        # Never give up on the broker: at BROKER_RECONNECT_MAX_SECS, Celery's default of 100
+        # retries would stop a worker after a few minutes of outage.
+        broker_connection_max_retries=None,
         result_backend=None,
         task_ignore_result=True,
         task_serializer="json",
