@@ -9,6 +9,7 @@ without anyone acting.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import time
@@ -152,3 +153,7 @@ def run_outage(system: System, broker: PrivateRedis) -> None:
     assert first <= RECOVERY_BOUND, f"the first task completed {first:.1f}s after Redis came back"
     for proc in (worker, beat):
         assert proc.running() and "Unrecoverable error" not in proc.log(), proc.tail()
+        # The lost broker was retried at least every 2 s (kombu's own pause grows by 2 s a try
+        # up to 30 s: after a long outage a worker could stay deaf 10 s and more).
+        pauses = [float(p) for p in re.findall(r"Trying again in ([\d.]+) seconds?", proc.log())]
+        assert pauses and max(pauses) <= 2, (proc.name, pauses)
