@@ -256,3 +256,12 @@ def run_sweep(db: Any, settings: Any, sweep: Callable[..., Any], now: dt.datetim
     """Run one sweep in its own unit of work, as beat does."""
     with db.session() as session:
         return sweep(session, settings.orchestrator, now)
+
+
+def assert_log_replays(db: Any) -> None:
+    """Every task row equals the replay of its event log (what ``fleet events verify`` does)."""
+    from fleet_common.tasks import replay
+
+    with db.session() as session:
+        differences = [str(d) for d in replay.verify(session)]
+    assert differences == []

@@ -11,6 +11,7 @@ import pytest
 from tests.api_helpers import (
     Api,
     assert_error,
+    assert_log_replays,
     dequeue,
     events,
     new_task,
@@ -301,6 +302,7 @@ def test_illegal_transitions_are_409_and_write_no_event(
     for path in ("/tasks/tsk_nope/cancel", "/tasks/tsk_nope/retry"):
         assert_error(api.post(path), 404)
     assert_error(api.patch("/tasks/tsk_nope", json={"priority": 1}), 404)
+    assert_log_replays(db)
 
 
 @pytest.mark.parametrize("body_change", [{"title": "other"}, {"priority": 3}, {"labels": ["x"]}])

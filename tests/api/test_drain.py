@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.api_helpers import Api, dequeue, new_task, task_row
+from tests.api_helpers import Api, assert_log_replays, dequeue, new_task, task_row
 
 
 def heartbeat(api: Api, token: str, **body: Any) -> dict[str, Any]:
@@ -18,7 +18,7 @@ def desired(api: Api, agent_id: str) -> str:
     return str(api.get(f"/agents/{agent_id}").get_json()["desired_state"])
 
 
-def test_drain_command_sticks_until_resume(client: Any, admin_token: str) -> None:
+def test_drain_command_sticks_until_resume(client: Any, admin_token: str, db: Any) -> None:
     api = Api(client, admin_token)
     reg = api.register("builder", host_uid="host-1")
     agent_id, token = reg["agent"]["id"], reg["agent_token"]
@@ -55,9 +55,10 @@ def test_drain_command_sticks_until_resume(client: Any, admin_token: str) -> Non
     assert [c["kind"] for c in reply["commands"]] == ["resume"]
     got = dequeue(api, token)
     assert got is not None and got["task"]["id"] == task["id"]
+    assert_log_replays(db)
 
 
-def test_draining_agent_finishes_what_it_holds(client: Any, admin_token: str) -> None:
+def test_draining_agent_finishes_what_it_holds(client: Any, admin_token: str, db: Any) -> None:
     api = Api(client, admin_token)
     reg = api.register("builder")
     agent_id, token = reg["agent"]["id"], reg["agent_token"]
@@ -78,9 +79,10 @@ def test_draining_agent_finishes_what_it_holds(client: Any, admin_token: str) ->
     )
     assert done.status_code == 200 and done.get_json()["status"] == "completed"
     assert dequeue(api, token) is None  # idle now, still draining
+    assert_log_replays(db)
 
 
-def test_patch_desired_state(client: Any, admin_token: str) -> None:
+def test_patch_desired_state(client: Any, admin_token: str, db: Any) -> None:
     api = Api(client, admin_token)
     reg = api.register("builder")
     agent_id, token = reg["agent"]["id"], reg["agent_token"]
@@ -97,3 +99,4 @@ def test_patch_desired_state(client: Any, admin_token: str) -> None:
     assert patched.status_code == 200
     assert heartbeat(api, token)["desired_state"] == "active"
     assert dequeue(api, token) is not None
+    assert_log_replays(db)

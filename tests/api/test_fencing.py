@@ -13,6 +13,7 @@ from fleet_common.db import utcnow
 from tests.api_helpers import (
     Api,
     assert_error,
+    assert_log_replays,
     claim_at,
     dequeue,
     events,
@@ -134,6 +135,7 @@ def test_expired_lease_is_requeued_and_the_zombie_is_fenced(
             "dispatched",
             "completed",
         ]
+        assert_log_replays(st.db)
 
 
 def test_fencing_in_real_time_through_dequeue(tmp_path: Path, database_url: str) -> None:
@@ -166,3 +168,4 @@ def test_fencing_in_real_time_through_dequeue(tmp_path: Path, database_url: str)
         assert done.status_code == 200, done.get_json()
         assert done.get_json()["status"] == "completed"
         assert_fenced(api, st.db, a["agent_token"], task["id"], lease_a)
+        assert_log_replays(st.db)

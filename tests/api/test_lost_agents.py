@@ -10,6 +10,7 @@ from fleet_common import sweeps
 from fleet_common.db import utcnow
 from tests.api_helpers import (
     assert_error,
+    assert_log_replays,
     claim_at,
     dequeue,
     events,
@@ -76,6 +77,7 @@ def test_silent_agent_goes_offline_and_its_task_is_finished_elsewhere(
             token=lost["agent_token"],
         )
         assert_error(late, 409, "stale_lease")
+        assert_log_replays(st.db)
 
 
 def test_ineligible_agents_get_nothing(tmp_path: Path, database_url: str) -> None:
@@ -108,6 +110,7 @@ def test_ineligible_agents_get_nothing(tmp_path: Path, database_url: str) -> Non
         # The task was eligible all along: an active agent gets it.
         got = dequeue(api, active["agent_token"])
         assert got is not None and got["task"]["id"] == task["id"]
+        assert_log_replays(st.db)
 
 
 def test_deregister_requeues_held_tasks(tmp_path: Path, database_url: str) -> None:
@@ -125,3 +128,4 @@ def test_deregister_requeues_held_tasks(tmp_path: Path, database_url: str) -> No
         # Offline now: nothing new until it heartbeats again.
         new_task(api, title="another")
         assert dequeue(api, leaving["agent_token"]) is None
+        assert_log_replays(st.db)

@@ -11,6 +11,7 @@ from typing import Any
 from tests.api_helpers import (
     Api,
     Stack,
+    assert_log_replays,
     claim_at,
     dequeue,
     events,
@@ -94,9 +95,10 @@ def test_backoff_doubles_up_to_the_cap_then_fails(tmp_path: Path, database_url: 
             assert wait_secs(row) == delay
             lease = take(st, agent, row)
         assert fail_by_exit_code(api, agent, task["id"], lease)["status"] == "failed"
+        assert_log_replays(st.db)
 
 
-def test_fail_endpoint_retries_unless_not_retryable(client: Any, admin_token: str) -> None:
+def test_fail_endpoint_retries_unless_not_retryable(client: Any, admin_token: str, db: Any) -> None:
     api = Api(client, admin_token)
     agent = api.register("builder")
     task = new_task(api, max_retries=5)
@@ -128,9 +130,10 @@ def test_fail_endpoint_retries_unless_not_retryable(client: Any, admin_token: st
         "bad config",
     )
     assert events(api, other["id"])[-1]["type"] == "failed"
+    assert_log_replays(db)
 
 
-def test_receipt_without_pr_on_a_requires_pr_task(client: Any, admin_token: str) -> None:
+def test_receipt_without_pr_on_a_requires_pr_task(client: Any, admin_token: str, db: Any) -> None:
     api = Api(client, admin_token)
     agent = api.register("builder")
     task = new_task(api, requires_pr=True, max_retries=0)
@@ -171,3 +174,4 @@ def test_receipt_without_pr_on_a_requires_pr_task(client: Any, admin_token: str)
     assert ok["artifacts"] == [
         {"kind": "pull_request", "url": receipt["pr_url"], "number": 7},
     ]
+    assert_log_replays(db)

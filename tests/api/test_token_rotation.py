@@ -14,6 +14,7 @@ from fleet_common.errors import Unauthorized
 from tests.api_helpers import (
     Api,
     assert_error,
+    assert_log_replays,
     dequeue,
     new_task,
     stack,
@@ -104,3 +105,4 @@ def test_deleting_an_agent_revokes_its_tokens_and_requeues_its_tasks(
         # The same host registering again is a new agent.
         again = api.register("doomed")
         assert again["agent"]["id"] != agent_id
+        assert_log_replays(st.db)
