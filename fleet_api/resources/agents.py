@@ -145,6 +145,7 @@ class Register(MethodView):
     @context.public
     @blp.arguments(RegisterSchema)
     @blp.response(201, RegisteredSchema)
+    @blp.doc(security=[])  # the join token is in the body
     def post(self, body: dict[str, Any]) -> Any:
         """Register with a join token; the same ``host_uid`` again is the same agent."""
         registered = service.register(context.session(), body)
