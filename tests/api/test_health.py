@@ -73,3 +73,10 @@ def test_openapi_and_docs(client: Any) -> None:
     assert docs.status_code == 200
     assert docs.mimetype == "text/html"
     assert "swagger-ui" in docs.get_data(as_text=True)
+
+
+def test_openapi_says_which_operations_need_no_token(client: Any) -> None:
+    doc = client.get("/openapi.json").get_json()
+    assert doc["security"] == [{"bearer": []}]
+    assert doc["paths"]["/api/v1/agents/register"]["post"]["security"] == []
+    assert "security" not in doc["paths"]["/api/v1/tasks"]["post"]
