@@ -76,7 +76,8 @@ class Daemon:
         self.draining = False  # local drain: SIGTERM
         self.restart_after_work = False
         self.exit_code = 0
-        self._pending_commands: dict[str, str] = {}  # command id -> kind, completed when idle
+        # command id -> the result it completes with, once the daemon is idle
+        self._pending_commands: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._signals = 0
@@ -244,21 +245,29 @@ class Daemon:
             self._complete_command(cid, True, {"state": "active"})
         elif kind == "drain":
             self.desired_state = "draining"
-            self._wait_idle(cid, kind)
+            self._wait_idle(cid, {"drained": True})
         elif kind == "restart":
             self.restart_after_work = True
-            self._wait_idle(cid, kind)
+            self._wait_idle(cid, {"restarting": True})
         elif kind == "upgrade":
-            ok, result = self._upgrade(str(payload.get("version", "")))
-            if not ok:
-                self._complete_command(cid, False, result)
-                return
-            self.restart_after_work = True
-            self._wait_idle(cid, kind)
+            # Not on this (the heartbeat) thread: an upgrade may take minutes, and an agent
+            # silent that long is declared lost, with the tasks it is running.
+            version = str(payload.get("version", ""))
+            threading.Thread(
+                target=self._upgrade_then_restart, args=(cid, version), name="upgrade", daemon=True
+            ).start()
 
-    def _wait_idle(self, cid: str, kind: str) -> None:
+    def _upgrade_then_restart(self, cid: str, version: str) -> None:
+        ok, result = self._upgrade(version)
+        if not ok:
+            self._complete_command(cid, False, result)
+            return
+        self.restart_after_work = True
+        self._wait_idle(cid, {**result, "restarting": True})
+
+    def _wait_idle(self, cid: str, result: dict[str, Any]) -> None:
         with self._lock:
-            self._pending_commands[cid] = kind
+            self._pending_commands[cid] = result
             idle = not self.running
         if idle:
             self._complete_waiting_commands()
@@ -266,8 +275,7 @@ class Daemon:
     def _complete_waiting_commands(self) -> None:
         with self._lock:
             waiting, self._pending_commands = self._pending_commands, {}
-        for cid, kind in waiting.items():
-            result = {"drained": True} if kind == "drain" else {"restarting": True}
+        for cid, result in waiting.items():
             self._complete_command(cid, True, result)
 
     def _complete_command(self, cid: str, success: bool, result: dict[str, Any]) -> None:
