@@ -312,15 +312,25 @@ class WorkerProcess(_Process):
 # -- configuration and the probe's records -----------------------------------------------------
 
 
+#: The probe type's upgrade command: takes 6 s (longer than an agent may stay silent), prints,
+#: and leaves ``upgraded-<version>`` in the probe directory.
+UPGRADE = (
+    "import pathlib,sys,time; time.sleep(6); print('upgraded to', sys.argv[2]);"
+    " pathlib.Path(sys.argv[1], 'upgraded-' + sys.argv[2]).touch()"
+)
+
+
 def write_config(path: Path, probe_dir: Path, *, extra: str = "") -> Path:
-    """The agent types the daemons use: ``probe`` (the probe agent) and ``slowdemo`` (the
-    built-in demo agent, thinking for 3 s)."""
+    """The agent types the daemons use: ``probe`` (the probe agent; its upgrade command is
+    :data:`UPGRADE`) and ``slowdemo`` (the built-in demo agent, thinking for 3 s)."""
     probe_dir.mkdir(parents=True, exist_ok=True)
+    upgrade = json.dumps([sys.executable, "-c", UPGRADE, str(probe_dir), "{version}"])
     path.write_text(
         f"""
 [agent_types.probe]
 command = [{json.dumps(sys.executable)}, {json.dumps(str(PROBE))}, "{{prompt_file}}"]
 env = {{ PROBE_DIR = {json.dumps(str(probe_dir))} }}
+upgrade_command = {upgrade}
 
 [agent_types.slowdemo]
 command = ["{{python}}", "-m", "fleet_worker.demo_agent", "{{prompt_file}}"]
