@@ -281,7 +281,7 @@ def test_illegal_transitions_are_409_and_write_no_event(
     cancelled = new_task(api, title="cancelled")
     assert api.post(f"/tasks/{cancelled['id']}/cancel").status_code == 200
 
-    attempts = [
+    attempts: list[tuple[str, str, dict[str, Any]]] = [
         ("post", f"/tasks/{done['id']}/cancel", {}),
         ("post", f"/tasks/{done['id']}/retry", {}),
         ("patch", f"/tasks/{done['id']}", {"json": {"priority": 5}}),

@@ -160,7 +160,7 @@ def test_commands_outside_the_allowlist_are_refused(client: Any, admin_token: st
     reg = api.register("builder")
     agent_id = reg["agent"]["id"]
     before = row_counts(db)
-    for body in (
+    bodies: list[dict[str, Any]] = [
         {"kind": "shell", "payload": {"cmd": "rm -rf /"}},
         {"kind": "DRAIN"},
         {"kind": "upgrade"},  # needs payload.version
@@ -170,7 +170,8 @@ def test_commands_outside_the_allowlist_are_refused(client: Any, admin_token: st
         {"kind": 5},
         {"payload": {}},
         {"kind": "restart", "payload": "now"},
-    ):
+    ]
+    for body in bodies:
         assert_error(api.post(f"/agents/{agent_id}/commands", json=body), 422)
     assert row_counts(db) == before
     assert api.get(f"/agents/{agent_id}").get_json()["desired_state"] == "active"

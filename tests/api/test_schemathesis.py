@@ -25,6 +25,7 @@ from schemathesis.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
+from schemathesis.core.result import Ok
 
 from fleet_api.app import create_app
 from fleet_common.migrate import upgrade
@@ -46,9 +47,11 @@ def _operations() -> list[tuple[str, str]]:
     """(METHOD, path) of every documented operation, read from an app with no database."""
     app = create_app(load_settings(env={"FLEET_DATABASE_URL": "sqlite://"}), publisher=False)
     loaded = schemathesis.openapi.from_wsgi("/openapi.json", app)
-    return sorted(
-        (op.method.upper(), op.path) for op in (r.ok() for r in loaded.get_all_operations())
-    )
+    operations = []
+    for result in loaded.get_all_operations():
+        assert isinstance(result, Ok), f"the OpenAPI document is not valid: {result}"
+        operations.append((result.ok().method.upper(), result.ok().path))
+    return sorted(operations)
 
 
 OPERATIONS = _operations()
