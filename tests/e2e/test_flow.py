@@ -138,21 +138,26 @@ def test_fleet_up_runs_a_submitted_task_and_stops_cleanly(tmp_path: Path) -> Non
         assert submitted.returncode == 0, submitted.stderr
         task_id = json.loads(submitted.stdout)["id"]
 
-        status = "queued"
+        task = {"status": "queued"}
         deadline = time.monotonic() + TASK_TIMEOUT
-        while status not in ("completed", "failed", "cancelled"):
-            assert time.monotonic() < deadline, f"task still {status}\n{up.tail()}"
+        while task["status"] not in ("completed", "failed", "cancelled"):
+            assert time.monotonic() < deadline, f"task still {task['status']}\n{up.tail()}"
             time.sleep(0.1)
             reply = requests.get(f"{url}/api/v1/tasks/{task_id}", headers=headers, timeout=10)
-            status = reply.json()["status"]
+            task = reply.json()
         elapsed = time.monotonic() - started
-        assert status == "completed", up.tail()
-        print(f"\n[fleet up] submit (CLI process) -> completed: {elapsed:.3f}s")
+        assert task["status"] == "completed", up.tail()
+        print(
+            f"\n[fleet up] submit (CLI process) -> completed: {elapsed:.3f}s; created -> "
+            f"finished {seconds_between(task['created_at'], task['finished_at']):.3f}s"
+        )
 
         tree = descendants(up.pid)
         assert len(tree) >= 3, tree  # the API, the worker and beat at least
+        stopping = time.monotonic()
         up.signal(signal.SIGTERM)
         assert up.wait(90) == 0, up.tail()
+        print(f"[fleet up] SIGTERM -> exited: {time.monotonic() - stopping:.1f}s")
         deadline = time.monotonic() + 10  # reaped children vanish from /proc promptly
         left = {p for p in tree if alive(p)} | _group(up.pid)
         while left and time.monotonic() < deadline:
