@@ -84,7 +84,6 @@ def event_types(system: System, task_id: str) -> list[str]:
 def test_a_timeout_kills_the_tree_and_fails_the_task(system: System, worker: Proc) -> None:
     task = system.submit("slow", prompt="e2e-sleep=300", timeout_secs=2, max_retries=0)
     pids = pids_once_running(system, task["id"])
-    assert all(alive(p) for p in pids)
     failed = system.wait_status(task["id"], "failed", "completed", timeout=60)
     assert failed["status"] == "failed" and failed["failure_reason"] == "timeout", failed
     gone(system, pids, timeout=10)
