@@ -55,8 +55,11 @@ log = logging.getLogger("fleet.forgejo")
 SYNC_LEASE_SECS = 150
 #: A run that finds the task moved on renders again, at most this many times.
 MAX_PASSES = 5
-#: The outbox sweep re-sends a task's write-back when its last attempt is this old.
+#: The outbox sweep re-sends a task's write-back when its last attempt is this old...
 RESYNC_AFTER_SECS = 10
+#: ...and its last change this recent: Forgejo configured after the fact, or back after a week,
+#: is not told about old tasks.
+OUTBOX_HORIZON = dt.timedelta(days=7)
 LOG_TAIL_BYTES = 8192
 
 Redact = Callable[[str], str]
@@ -134,6 +137,7 @@ def due_for_sync(
             Task.issue_number.is_not(None),
             Task.forgejo_synced_seq < Task.event_seq,
             Task.updated_at < cutoff,
+            Task.updated_at > now - OUTBOX_HORIZON,
             or_(Task.forgejo_sync_until.is_(None), Task.forgejo_sync_until < cutoff),
         )
         .order_by(Task.updated_at)

@@ -227,6 +227,8 @@ def test_due_for_sync_waits_and_marks(story: Story) -> None:
         assert due_for_sync(session, later, limit=10) == []  # attempted just now
         again = later + dt.timedelta(seconds=writeback.RESYNC_AFTER_SECS + 1)
         assert due_for_sync(session, again, limit=10) == [story.task_id]
+    with story.db.session() as session:  # a change older than the horizon is left alone
+        assert due_for_sync(session, now + writeback.OUTBOX_HORIZON, limit=10) == []
 
 
 def test_watch_reports_committed_state_changes_of_forgejo_tasks(story: Story) -> None:
