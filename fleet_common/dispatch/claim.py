@@ -80,7 +80,6 @@ def claim_next(
     now: dt.datetime | None = None,
 ) -> Claim | None:
     """Claim the best eligible task for ``agent_id`` (queued → dispatched), or None."""
-    now = now or utcnow()
     # The agent row is locked and its running attempts counted in one round trip.
     active = (
         select(func.count())
@@ -93,6 +92,8 @@ def claim_next(
     if row is None:
         return None
     agent, running = row
+    # Read the clock once the agent's lock is ours: a claim never predates what it claims.
+    now = now or utcnow()
     if not is_eligible(agent) or running >= agent.max_concurrency:
         return None
     keys = servable_keys(agent.capabilities, settings.max_requirements)
