@@ -46,6 +46,8 @@ def test_the_token_is_kept_0600_and_a_restart_needs_no_join_token(system: System
 def test_a_refused_registration_exits_non_zero_and_keeps_the_join_token(system: System) -> None:
     _, join_token = system.api.join_token()
     refused = system.daemon("bad", join_token=join_token, capabilities=("code python",))
+    stranger = system.daemon("stranger", join_token="flj_not-a-real-token")
+
     code = refused.wait(60)
     output = refused.log()
     assert code == 1, output  # the API refused the request: the CLI's exit code 1
@@ -53,15 +55,14 @@ def test_a_refused_registration_exits_non_zero_and_keeps_the_join_token(system: 
     assert "'code python' is not a valid capability" in output
     assert "Traceback" not in output
     assert not (refused.state_dir / "agent.json").exists()
-    assert system.api.agents() == []
-
-    # The same join token still registers an agent.
-    good = system.daemon("good", join_token=join_token, capabilities=("code:python",))
-    agent_id = system.online(good)
-    assert system.api.agent(agent_id)["capabilities"] == ["code:python"]
 
     # An unknown join token is an authentication failure: exit code 4, one clear line.
-    stranger = system.daemon("stranger", join_token="flj_not-a-real-token")
     assert stranger.wait(60) == 4, stranger.log()
     assert "error: registration refused: 401" in stranger.log()
     assert "Traceback" not in stranger.log()
+    assert system.api.agents() == []
+
+    # The join token the refused registration presented still registers an agent.
+    good = system.daemon("good", join_token=join_token, capabilities=("code:python",))
+    agent_id = system.online(good)
+    assert system.api.agent(agent_id)["capabilities"] == ["code:python"]
