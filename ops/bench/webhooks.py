@@ -1,0 +1,352 @@
+#!/usr/bin/env python3
+"""Webhook intake benchmark: signed Forgejo ``issues`` deliveries at a sustained rate.
+
+Fleet's API runs as in production: ``fleet api`` (gunicorn, ``--workers`` processes of gthread
+workers, the real ``fleet api`` configuration) on PostgreSQL with Redis as the broker, Forgejo
+configured (a webhook secret; the write-back's syncs are queued to Redis after each commit, as in
+production, though no beat consumes them here). ``--clients`` client processes of ``--threads``
+threads each (one keep-alive connection per thread) send ``issues``/``opened`` deliveries built
+from the constructed payload ``tests/forgejo/data/payloads/issues.opened.json`` (a distinct
+issue each, signed with ``fleet_common.forgejo.signatures.sign``) on a fixed schedule (open
+loop, ``--rate`` per second for ``--duration`` seconds; a late sender does not slow the
+schedule). Each delivery must create exactly one task.
+
+Reported: the achieved rate, response times (from sending a request to its answer; also from
+its scheduled time, which counts the client's own lateness), and, checked in the database,
+deliveries lost (no task) or duplicated (more than one). Targets: the rate sustained, p99 under
+50 ms, none lost, none duplicated; each is printed as PASS or MISS (exit status 1 on a miss).
+
+Needs PostgreSQL and Redis: ``FLEET_BENCH_PG_URL`` (default
+``postgresql://postgres@127.0.0.1:5432/postgres``), ``FLEET_BENCH_REDIS_URL`` (default
+``redis://127.0.0.1:6379``).
+
+    .venv/bin/python ops/bench/webhooks.py [--rate 300] [--duration 20] [--clients 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import multiprocessing
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO_ROOT))
+
+from fleet_common.forgejo.signatures import sign  # noqa: E402
+
+PG_URL = os.environ.get("FLEET_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("FLEET_BENCH_REDIS_URL", "redis://127.0.0.1:6379")
+TEMPLATE = REPO_ROOT / "tests" / "forgejo" / "data" / "payloads" / "issues.opened.json"
+SECRET = "bench-secret"
+TRIGGER = "kind/bug"  # a label the template's issue carries
+HOOK = "/api/v1/webhooks/forgejo"
+P99_TARGET_MS = 50.0
+WARM_UP = 60
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# -- services ----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def scratch_postgres() -> Iterator[str]:
+    import psycopg
+
+    name = f"fleet_bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(PG_URL, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{PG_URL.rsplit('/', 1)[0]}/{name}"
+    finally:
+        with psycopg.connect(PG_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextlib.contextmanager
+def scratch_redis() -> Iterator[str]:
+    """An empty Redis database (1-15) of our own, locked like the tests' and flushed after."""
+    import redis
+
+    token = uuid.uuid4().hex
+    for index in range(15, 0, -1):
+        client = redis.Redis.from_url(f"{REDIS_URL}/{index}", socket_timeout=5)
+        if not client.set("fleet-tests:worker:lock", token, nx=True, ex=3600):
+            continue
+        if client.dbsize() == 1:
+            break
+        client.delete("fleet-tests:worker:lock")
+    else:
+        raise RuntimeError(f"no empty Redis database on {REDIS_URL}")
+    try:
+        yield f"{REDIS_URL}/{index}"
+    finally:
+        client.flushdb()
+
+
+@contextlib.contextmanager
+def fleet_api(root: Path, database_url: str, broker_url: str, workers: int) -> Iterator[int]:
+    """``fleet api`` on a free port, until the block ends; yields the port."""
+    port = free_port()
+    config = root / "fleet.toml"
+    config.write_text("", encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    env.update(
+        {
+            "PYTHONUNBUFFERED": "1",
+            "FLEET_CONFIG": str(config),
+            "FLEET_DATABASE_URL": database_url,
+            "FLEET_BROKER_URL": broker_url,
+            "FLEET_ORCHESTRATOR_STATE_DIR": str(root / "state"),
+            # Forgejo configured as in production; nothing listens there (no beat runs here).
+            "FLEET_FORGEJO_URL": "http://127.0.0.1:9/",
+            "FLEET_FORGEJO_TOKEN": "bench-token",
+            "FLEET_FORGEJO_WEBHOOK_SECRET": SECRET,
+            "FLEET_FORGEJO_TRIGGER_LABEL": TRIGGER,
+        }
+    )
+    argv = [sys.executable, "-m", "fleet_api.cli", "api", "--port", str(port)]
+    argv += ["--workers", str(workers)]
+    log_path = root / "api.log"
+    with log_path.open("ab") as out:
+        proc = subprocess.Popen(
+            argv, env=env, cwd=root, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while not _healthy(port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
+                raise RuntimeError(f"fleet api did not start\n{tail}")
+            time.sleep(0.2)
+        yield port
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(40)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _healthy(port: int) -> bool:
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        conn.request("GET", "/healthz")
+        ok = conn.getresponse().status == 200
+        conn.close()
+        return ok
+    except OSError:
+        return False
+
+
+# -- deliveries --------------------------------------------------------------------------------
+
+
+def delivery(template: dict[str, Any], number: int) -> tuple[dict[str, str], bytes]:
+    """The signed ``issues``/``opened`` delivery of issue ``number``, shaped like Forgejo's."""
+    payload = json.loads(json.dumps(template))
+    payload["number"] = number
+    issue = payload["issue"]
+    issue.update(number=number, id=1_000_000 + number, title=f"Bench issue {number}")
+    for key in ("url", "html_url"):
+        issue[key] = issue[key].rsplit("/", 1)[0] + f"/{number}"
+    body = json.dumps(payload, indent=2).encode()
+    delivery_id = str(uuid.uuid4())
+    headers = {
+        "Content-Type": "application/json",
+        "User-Agent": "Go-http-client/1.1",
+        "X-Forgejo-Delivery": delivery_id,
+        "X-Forgejo-Event": "issues",
+        "X-Forgejo-Event-Type": "issues",
+        "X-Gitea-Delivery": delivery_id,
+        "X-Gitea-Event": "issues",
+        "X-Gitea-Event-Type": "issues",
+        **sign(body, SECRET),
+    }
+    return headers, body
+
+
+Result = tuple[int, float, float, float, int, int]  # number, scheduled, sent, answered, status, n
+
+
+def client_process(
+    port: int, numbers: list[int], first: int, start: float, rate: float, threads: int, out: Any
+) -> None:
+    """Send the deliveries of ``numbers`` on the shared schedule: issue ``first`` at ``start``,
+    each next one ``1/rate`` later."""
+    template = json.loads(TEMPLATE.read_text())
+    prepared = {n: delivery(template, n) for n in numbers}
+    results: list[Result] = []
+    lock = threading.Lock()
+
+    def sender(mine: list[int]) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        for number in mine:
+            scheduled = start + (number - first) / rate
+            delay = scheduled - time.time()
+            if delay > 0:
+                time.sleep(delay)
+            headers, body = prepared[number]
+            sent = time.time()
+            try:
+                conn.request("POST", HOOK, body=body, headers=headers)
+                response = conn.getresponse()
+                reply = response.read()
+                status = response.status
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                status, reply = 0, b""
+            answered = time.time()
+            created = 0
+            if status == 202:
+                created = len(json.loads(reply).get("task_ids") or [])
+            with lock:
+                results.append((number, scheduled, sent, answered, status, created))
+        conn.close()
+
+    workers = [threading.Thread(target=sender, args=(numbers[i::threads],)) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    out.put(results)
+
+
+def send_all(
+    port: int, first: int, count: int, rate: float, clients: int, threads: int
+) -> list[Result]:
+    """Issues ``first .. first+count-1`` at ``rate``/s from ``clients`` processes."""
+    context = multiprocessing.get_context("spawn")
+    out = context.Queue()
+    start = time.time() + 3.0  # every process ready and every payload signed by then
+    last = first + count
+    procs = [
+        context.Process(
+            target=client_process,
+            args=(port, list(range(first + k, last, clients)), first, start, rate, threads, out),
+        )
+        for k in range(clients)
+    ]
+    for proc in procs:
+        proc.start()
+    results: list[Result] = []
+    for _ in procs:
+        results += out.get(timeout=count / rate + 300)
+    for proc in procs:
+        proc.join(30)
+    return results
+
+
+# -- checks ------------------------------------------------------------------------------------
+
+
+def tasks_per_issue(database_url: str) -> dict[int, int]:
+    import psycopg
+
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT issue_number, count(*) FROM tasks WHERE repo = 'alice/widgets' "
+            "GROUP BY issue_number"
+        ).fetchall()
+    return {int(number): int(n) for number, n in rows}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rate", type=float, default=300.0, help="deliveries per second")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds")
+    parser.add_argument("--clients", type=int, default=4, help="client processes")
+    parser.add_argument("--threads", type=int, default=6, help="connections per client")
+    parser.add_argument("--workers", type=int, default=2, help="gunicorn worker processes")
+    args = parser.parse_args()
+    count = int(args.rate * args.duration)
+    with (
+        tempfile.TemporaryDirectory(prefix="fleet-bench-webhooks-") as tmp,
+        scratch_postgres() as database_url,
+        scratch_redis() as broker_url,
+        fleet_api(Path(tmp), database_url, broker_url, args.workers) as port,
+    ):
+        log(f"fleet api on :{port} ({args.workers} workers); warming up")
+        send_all(port, 1, WARM_UP, 50.0, 1, 2)
+        log(f"sending {count} deliveries at {args.rate:g}/s from {args.clients}x{args.threads}")
+        results = send_all(port, WARM_UP + 1, count, args.rate, args.clients, args.threads)
+        time.sleep(1.0)
+        counts = tasks_per_issue(database_url)
+    return report(args, results, counts)
+
+
+def report(args: argparse.Namespace, results: list[Result], counts: dict[int, int]) -> int:
+    sent = sorted(results)
+    numbers = [r[0] for r in sent]
+    first_sent = min(r[2] for r in sent)
+    last_answer = max(r[3] for r in sent)
+    elapsed = last_answer - first_sent
+    achieved = len(sent) / elapsed
+    response_ms = [(r[3] - r[2]) * 1000 for r in sent]
+    from_schedule_ms = [(r[3] - r[1]) * 1000 for r in sent]
+    late_ms = [max(0.0, (r[2] - r[1]) * 1000) for r in sent]
+    not_202 = sum(1 for r in sent if r[4] != 202)
+    lost = [n for n in numbers if counts.get(n, 0) == 0]
+    duplicated = [n for n in numbers if counts.get(n, 0) > 1]
+    print()
+    print("Fleet webhook intake benchmark")
+    print(
+        f"  {len(sent)} signed issues/opened deliveries, target {args.rate:g}/s for "
+        f"{args.duration:g} s, {args.clients} client processes x {args.threads} connections, "
+        f"gunicorn {args.workers} workers, PostgreSQL + Redis, {os.cpu_count()} CPUs"
+    )
+    print(f"  achieved rate: {achieved:.1f} deliveries/s over {elapsed:.1f} s")
+    print(
+        f"  response time (send -> answer): p50 {statistics.median(response_ms):.1f} ms, "
+        f"p90 {pct(response_ms, 90):.1f} ms, p99 {pct(response_ms, 99):.1f} ms, "
+        f"max {max(response_ms):.1f} ms"
+    )
+    print(
+        f"  from the scheduled send time: p50 {statistics.median(from_schedule_ms):.1f} ms, "
+        f"p99 {pct(from_schedule_ms, 99):.1f} ms (client lateness p99 {pct(late_ms, 99):.1f} ms)"
+    )
+    print(f"  answers other than 202: {not_202}")
+    print(f"  tasks: lost {len(lost)}, duplicated {len(duplicated)} (checked in the database)")
+    checks = [
+        (f"rate >= {args.rate * 0.98:g}/s", achieved >= args.rate * 0.98),
+        (f"p99 < {P99_TARGET_MS:g} ms", pct(response_ms, 99) < P99_TARGET_MS),
+        ("none lost", not lost and not_202 == 0),
+        ("none duplicated", not duplicated),
+    ]
+    for name, ok in checks:
+        print(f"  {'PASS' if ok else 'MISS'}  {name}")
+    return 0 if all(ok for _, ok in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
