@@ -15,6 +15,8 @@ from fleet_common.db import page_of, utcnow
 from fleet_common.errors import IllegalTransition, InvalidInput, NotFound
 from fleet_common.ids import new_id
 from fleet_common.settings import OrchestratorSettings
+from fleet_common.tasks import service as tasks
+from fleet_common.tasks.models import ACTIVE, Task
 
 DELIVERY_BATCH = 50
 OPEN = (CommandStatus.PENDING, CommandStatus.ACKNOWLEDGED)
@@ -44,7 +46,9 @@ def enqueue(
     actor: str,
     now: dt.datetime | None = None,
 ) -> Command:
-    """Queue a command; ``drain`` and ``resume`` change the desired state at once."""
+    """Queue a command; ``drain`` and ``resume`` change the desired state at once, and
+    ``cancel_task`` cancels the task when this agent holds it (stopping it without that would
+    only leave it to its lease expiry, and so to a retry)."""
     now = now or utcnow()
     payload = payload or {}
     command_kind = validate(kind, payload)
@@ -52,6 +56,8 @@ def enqueue(
         agent.desired_state = DesiredState.DRAINING
     elif command_kind == CommandKind.RESUME:
         agent.desired_state = DesiredState.ACTIVE
+    elif command_kind == CommandKind.CANCEL_TASK:
+        _cancel_held(session, agent, payload["task_id"], actor=actor, now=now)
     command = Command(
         id=new_id("cmd"),
         agent_id=agent.id,
@@ -68,6 +74,14 @@ def enqueue(
     )
     session.flush()
     return command
+
+
+def _cancel_held(
+    session: Session, agent: Agent, task_id: str, *, actor: str, now: dt.datetime
+) -> None:
+    task = session.scalars(select(Task).where(Task.id == task_id).with_for_update()).first()
+    if task is not None and task.agent_id == agent.id and task.status in ACTIVE:
+        tasks.cancel_task(session, task.id, actor=actor, now=now)
 
 
 def _deliverable(agent_id: Any, now: dt.datetime, redeliver_before: dt.datetime | None) -> Any:
