@@ -80,6 +80,7 @@ class Daemon:
         self._pending_commands: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
         self._signals = 0
 
     # -- registration -------------------------------------------------------------------
@@ -131,8 +132,8 @@ class Daemon:
         """Serve until drained or stopped; returns the exit code."""
         self.connect()
         self._install_signals()
-        beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
-        beat.start()
+        self._beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        self._beat.start()
         errors = 0
         while not self._stop.is_set():
             if self._idle_exit_due():
@@ -218,7 +219,15 @@ class Daemon:
             leases = [
                 {"task_id": tid, "lease_token": a.lease_token} for tid, a in self.running.items()
             ]
-        reply = self.client.call("agents/heartbeat", {"leases": leases}, retry_for=retry_for) or {}
+        reply = (
+            self.client.call(
+                "agents/heartbeat",
+                {"leases": leases},
+                retry_for=retry_for,
+                should_stop=self._stop.is_set,
+            )
+            or {}
+        )
         self.desired_state = reply.get("desired_state", self.desired_state)
         self.heartbeat_interval = float(
             reply.get("heartbeat_interval_secs", self.heartbeat_interval)
@@ -340,6 +349,10 @@ class Daemon:
         while self.running and time.monotonic() < deadline:
             time.sleep(0.1)
         self._stop.set()
+        if self._beat is not None:
+            # A heartbeat the server handles after the deregistration would bring the agent
+            # back online: let the one in flight finish first.
+            self._beat.join(self.client.timeout + 5)
         if self.restart_after_work:
             log.info("restarting")
             self.executor.close()
