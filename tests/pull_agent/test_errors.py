@@ -99,13 +99,17 @@ def test_a_restart_waits_out_an_outage_longer_than_one_call_with_its_saved_token
 
 class FakeServer:
     """A server that rate-limits: its first ``refusals`` registrations and every dequeue get
-    429 with ``Retry-After``; heartbeats and everything else succeed. It keeps the time of
-    every request, by path."""
+    429 with ``Retry-After``; heartbeats (answered after ``heartbeat_secs``) and everything else
+    succeed. It keeps the time of every request, by path, and of every heartbeat's answer
+    (``agents/heartbeat:answered``)."""
 
-    def __init__(self, refusals: int, register_after: int, dequeue_after: int) -> None:
+    def __init__(
+        self, refusals: int, register_after: int, dequeue_after: int, heartbeat_secs: float = 0
+    ) -> None:
         self.refusals = refusals
         self.register_after = register_after
         self.dequeue_after = dequeue_after
+        self.heartbeat_secs = heartbeat_secs
         self.calls: dict[str, list[float]] = {}
         self.lock = threading.Lock()
         fake = self
@@ -153,6 +157,9 @@ class FakeServer:
         if path == "tasks/dequeue":
             return 429, slow_down, {"Retry-After": str(self.dequeue_after)}
         if path == "agents/heartbeat":
+            time.sleep(self.heartbeat_secs)
+            with self.lock:
+                self.calls.setdefault(f"{path}:answered", []).append(time.monotonic())
             return 200, {"agent": agent, "desired_state": "active", "commands": []}, {}
         return 200, agent, {}
 
@@ -189,6 +196,42 @@ def test_429s_are_retried_after_retry_after_without_crashing(tmp_path: Path) -> 
         assert daemon.wait(30) == 0, daemon.tail()
         assert fake.times("agents/deregister")
         assert "Traceback" not in daemon.log()
+    finally:
+        daemon.kill()
+        fake.close()
+
+
+def test_no_heartbeat_is_in_flight_when_it_deregisters(tmp_path: Path) -> None:
+    # A heartbeat the server finishes after the deregistration would put the agent back online.
+    fake = FakeServer(refusals=0, register_after=0, dequeue_after=1, heartbeat_secs=2)
+    config = write_config(tmp_path / "fleet.toml", tmp_path / "probe")
+    daemon = DaemonProcess(tmp_path, fake.url, "leaving", config=config, join_token="flj_x")
+    try:
+        wait_for(
+            lambda: fake.times("agents/heartbeat:answered"),
+            timeout=60,
+            what="a heartbeat",
+            logs=daemon.tail,
+        )
+        heartbeats = len(fake.times("agents/heartbeat"))
+        wait_for(
+            lambda: len(fake.times("agents/heartbeat")) > heartbeats,
+            timeout=30,
+            what="the next heartbeat to be on its way",
+            logs=daemon.tail,
+        )
+        daemon.signal(signal.SIGTERM)  # while the server is still answering that heartbeat
+        assert daemon.wait(30) == 0, daemon.tail()
+        wait_for(
+            lambda: (
+                len(fake.times("agents/heartbeat:answered")) == len(fake.times("agents/heartbeat"))
+            ),
+            timeout=10,
+            what="every heartbeat answered",
+        )
+        (deregistered,) = fake.times("agents/deregister")
+        answered = fake.times("agents/heartbeat:answered")
+        assert all(t < deregistered for t in answered), (answered, deregistered)
     finally:
         daemon.kill()
         fake.close()
