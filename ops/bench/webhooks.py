@@ -74,6 +74,38 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _cpu(pid: int) -> tuple[int, float]:
+    """(process group, CPU seconds incl. reaped children) of ``pid``; (0, 0) if gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0, 0.0
+    return int(fields[2]), sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def group_cpu(pgid: int) -> float:
+    """CPU seconds of the processes in group ``pgid`` (the API: gunicorn and its workers)."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            group, seconds = _cpu(int(entry.name))
+            total += seconds if group == pgid else 0.0
+    return total
+
+
+def backends_cpu(database_url: str) -> float:
+    """CPU seconds of the PostgreSQL backends connected to the benchmark's database (the
+    server runs on this machine)."""
+    import psycopg
+
+    name = database_url.rsplit("/", 1)[1]
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        pids = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = %s", (name,)
+        ).fetchall()
+    return sum(_cpu(int(pid))[1] for (pid,) in pids)
+
+
 # -- services ----------------------------------------------------------------------------------
 
 
@@ -113,8 +145,10 @@ def scratch_redis() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def fleet_api(root: Path, database_url: str, broker_url: str, workers: int) -> Iterator[int]:
-    """``fleet api`` on a free port, until the block ends; yields the port."""
+def fleet_api(
+    root: Path, database_url: str, broker_url: str, workers: int, writeback: bool = True
+) -> Iterator[tuple[int, int]]:
+    """``fleet api`` on a free port, until the block ends; yields (port, process group)."""
     port = free_port()
     config = root / "fleet.toml"
     config.write_text("", encoding="utf-8")
@@ -127,7 +161,7 @@ def fleet_api(root: Path, database_url: str, broker_url: str, workers: int) -> I
             "FLEET_BROKER_URL": broker_url,
             "FLEET_ORCHESTRATOR_STATE_DIR": str(root / "state"),
             # Forgejo configured as in production; nothing listens there (no beat runs here).
-            "FLEET_FORGEJO_URL": "http://127.0.0.1:9/",
+            "FLEET_FORGEJO_URL": "http://127.0.0.1:9/" if writeback else "",
             "FLEET_FORGEJO_TOKEN": "bench-token",
             "FLEET_FORGEJO_WEBHOOK_SECRET": SECRET,
             "FLEET_FORGEJO_TRIGGER_LABEL": TRIGGER,
@@ -147,7 +181,7 @@ def fleet_api(root: Path, database_url: str, broker_url: str, workers: int) -> I
                 tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
                 raise RuntimeError(f"fleet api did not start\n{tail}")
             time.sleep(0.2)
-        yield port
+        yield port, proc.pid
     finally:
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGTERM)
@@ -288,24 +322,39 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=4, help="client processes")
     parser.add_argument("--threads", type=int, default=6, help="connections per client")
     parser.add_argument("--workers", type=int, default=2, help="gunicorn worker processes")
+    parser.add_argument(
+        "--no-writeback",
+        action="store_true",
+        help="no [forgejo] url: intake only, no write-back syncs queued (to compare)",
+    )
     args = parser.parse_args()
     count = int(args.rate * args.duration)
     with (
         tempfile.TemporaryDirectory(prefix="fleet-bench-webhooks-") as tmp,
         scratch_postgres() as database_url,
         scratch_redis() as broker_url,
-        fleet_api(Path(tmp), database_url, broker_url, args.workers) as port,
+        fleet_api(Path(tmp), database_url, broker_url, args.workers, not args.no_writeback) as (
+            port,
+            pgid,
+        ),
     ):
         log(f"fleet api on :{port} ({args.workers} workers); warming up")
         send_all(port, 1, WARM_UP, 50.0, 1, 2)
         log(f"sending {count} deliveries at {args.rate:g}/s from {args.clients}x{args.threads}")
+        api_cpu, pg_cpu = group_cpu(pgid), backends_cpu(database_url)
         results = send_all(port, WARM_UP + 1, count, args.rate, args.clients, args.threads)
         time.sleep(1.0)
+        cpu = (group_cpu(pgid) - api_cpu, backends_cpu(database_url) - pg_cpu)
         counts = tasks_per_issue(database_url)
-    return report(args, results, counts)
+    return report(args, results, counts, cpu)
 
 
-def report(args: argparse.Namespace, results: list[Result], counts: dict[int, int]) -> int:
+def report(
+    args: argparse.Namespace,
+    results: list[Result],
+    counts: dict[int, int],
+    cpu: tuple[float, float],
+) -> int:
     sent = sorted(results)
     numbers = [r[0] for r in sent]
     first_sent = min(r[2] for r in sent)
@@ -323,7 +372,8 @@ def report(args: argparse.Namespace, results: list[Result], counts: dict[int, in
     print(
         f"  {len(sent)} signed issues/opened deliveries, target {args.rate:g}/s for "
         f"{args.duration:g} s, {args.clients} client processes x {args.threads} connections, "
-        f"gunicorn {args.workers} workers, PostgreSQL + Redis, {os.cpu_count()} CPUs"
+        f"gunicorn {args.workers} workers, PostgreSQL + Redis, {os.cpu_count()} CPUs, "
+        f"write-back {'off' if args.no_writeback else 'on'}"
     )
     print(f"  achieved rate: {achieved:.1f} deliveries/s over {elapsed:.1f} s")
     print(
@@ -336,6 +386,13 @@ def report(args: argparse.Namespace, results: list[Result], counts: dict[int, in
         f"p99 {pct(from_schedule_ms, 99):.1f} ms (client lateness p99 {pct(late_ms, 99):.1f} ms)"
     )
     print(f"  answers other than 202: {not_202}")
+    api_ms, pg_ms = (seconds / len(sent) * 1000 for seconds in cpu)
+    load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    ceiling = cpus * 1000 / max(api_ms + pg_ms, 1e-6)
+    print(
+        f"  CPU per delivery: API {api_ms:.1f} ms + PostgreSQL backends {pg_ms:.1f} ms; "
+        f"{cpus} CPUs carry at most ~{ceiling:.0f}/s of that (load average now {load:.1f})"
+    )
     print(f"  tasks: lost {len(lost)}, duplicated {len(duplicated)} (checked in the database)")
     checks = [
         (f"rate >= {args.rate * 0.98:g}/s", achieved >= args.rate * 0.98),
