@@ -100,5 +100,5 @@ def test_an_idle_daemon_exits_promptly_on_sigterm(system: System) -> None:
     started = time.monotonic()
     daemon.signal(signal.SIGTERM)
     assert daemon.wait(60) == 0, system.logs()
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 12  # a 5 s poll at most, not the 20 s it was
     assert system.api.agent(agent_id)["status"] == "offline"
