@@ -80,22 +80,16 @@ def claim_next(
     now: dt.datetime | None = None,
 ) -> Claim | None:
     """Claim the best eligible task for ``agent_id`` (queued → dispatched), or None."""
-    # The agent row is locked and its running attempts counted in one round trip.
-    active = (
-        select(func.count())
-        .where(Task.agent_id == Agent.id, Task.status.in_(ACTIVE))
-        .scalar_subquery()
-    )
-    row = session.execute(
-        select(Agent, active).where(Agent.id == agent_id).with_for_update(of=Agent)
-    ).first()
-    if row is None:
+    agent = session.scalars(select(Agent).where(Agent.id == agent_id).with_for_update()).first()
+    if agent is None or not is_eligible(agent):
         return None
-    agent, running = row
+    # Counted in a statement of its own, after the lock: under READ COMMITTED a new statement
+    # sees the attempts a concurrent claimer for this agent committed while we waited (a count
+    # inside the locking statement would use the snapshot from before the wait).
+    if active_count(session, agent.id) >= agent.max_concurrency:
+        return None
     # Read the clock once the agent's lock is ours: a claim never predates what it claims.
     now = now or utcnow()
-    if not is_eligible(agent) or running >= agent.max_concurrency:
-        return None
     keys = servable_keys(agent.capabilities, settings.max_requirements)
     task = _candidate(session, keys, agent.id, now)
     if task is None:
