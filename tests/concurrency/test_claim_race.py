@@ -23,7 +23,7 @@ from fleet_common.tasks.models import Task, TaskEvent
 from tests.concurrency.racers import RACERS, Race, RacerPool, claimer, racer_settings
 from tests.concurrency.seed import TaskSpec, queue_tasks
 
-pytestmark = pytest.mark.postgres
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 TASKS = 2_000
 CAPABILITIES = ["code:python", "tests"]

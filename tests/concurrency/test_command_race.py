@@ -20,7 +20,7 @@ from fleet_common.db import Database
 from tests.concurrency.racers import RACERS, RacerPool, heartbeater, racer_settings
 from tests.concurrency.seed import enqueue_commands
 
-pytestmark = pytest.mark.postgres
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 COMMANDS = 2_000
 

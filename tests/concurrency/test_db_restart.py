@@ -27,7 +27,7 @@ from fleet_common.migrate import upgrade
 from fleet_common.settings import load_settings
 from tests.pg_private import PrivatePostgres, private_postgres
 
-pytestmark = pytest.mark.postgres
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 CLIENT_THREADS = 4
 OUTAGE_ANSWER_SECS = 2.0  # the most a request may take while the database is down
