@@ -40,7 +40,7 @@ BASELINE_UPDATE = """
 
 
 def _queued_left(conn: Any) -> int:
-    return int(conn.execute("SELECT count(*) FROM tasks WHERE status = 'queued'").fetchone()[0])
+    return int(harness.scalar(conn, "SELECT count(*) FROM tasks WHERE status = 'queued'"))
 
 
 def baseline_client(db_url: str, agent_id: str, barrier: Any, results: Any) -> None:
@@ -132,16 +132,18 @@ def check_claims(db_url: str, outcomes: list[Outcome], tasks: int, fleet: bool) 
     claimed = [i for o in outcomes for i in o.ids]
     duplicates = len(claimed) - len(set(claimed))
     with harness.connect(db_url) as conn:
-        dispatched = conn.execute("SELECT count(*) FROM tasks WHERE status = 'dispatched'")
-        dispatched_count = int(dispatched.fetchone()[0])
+        dispatched_count = int(
+            harness.scalar(conn, "SELECT count(*) FROM tasks WHERE status = 'dispatched'")
+        )
         queued = _queued_left(conn)
         multi = 0
         if fleet:
             multi = int(
-                conn.execute(
+                harness.scalar(
+                    conn,
                     "SELECT count(*) FROM (SELECT task_id FROM task_events WHERE type = "
-                    "'dispatched' GROUP BY task_id HAVING count(*) > 1) AS d"
-                ).fetchone()[0]
+                    "'dispatched' GROUP BY task_id HAVING count(*) > 1) AS d",
+                )
             )
     ok = duplicates == 0 and multi == 0 and queued == 0 and len(set(claimed)) == tasks
     verdict = (

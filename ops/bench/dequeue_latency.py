@@ -78,7 +78,7 @@ def explain_claim(db_url: str, agent_id: str) -> str:
 
 def _agent_id(db_url: str, name: str) -> str:
     with harness.connect(db_url) as conn:
-        return str(conn.execute("SELECT id FROM agents WHERE name = %s", (name,)).fetchone()[0])
+        return str(harness.scalar(conn, "SELECT id FROM agents WHERE name = %s", (name,)))
 
 
 def run_phase(

@@ -64,6 +64,7 @@ def client(
 ) -> None:
     """``mode`` "fleet": ``credential`` is a join token; "bare": it is an agent id."""
     outcome = Outcome([], [], [])
+    body: dict[str, Any]
     try:
         http = harness.JsonClient(base_url)
         if mode == "fleet":

@@ -83,6 +83,14 @@ def connect(url: str, **kwargs: Any) -> psycopg.Connection[Any]:
     return psycopg.connect(url, **kwargs)
 
 
+def scalar(conn: psycopg.Connection[Any], sql: str, params: Sequence[Any] = ()) -> Any:
+    """The first column of the first row of ``sql``."""
+    row = conn.execute(sql, params).fetchone()
+    if row is None:
+        raise LookupError(f"no row for {sql!r}")
+    return row[0]
+
+
 def reset_tasks(url: str) -> None:
     """Forget every task and event (agents and tokens stay)."""
     with connect(url) as conn:
