@@ -55,7 +55,9 @@ def api_process(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
             except requests.RequestException:
                 pass
             if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"fleet api did not start: {process.stderr.read()}")  # type: ignore[union-attr]
+                process.kill()  # read its output only once it has stopped: a live pipe never ends
+                _, err = process.communicate(timeout=30)
+                pytest.fail(f"fleet api did not start: {err}")
             time.sleep(0.1)
         yield url, env
     finally:
