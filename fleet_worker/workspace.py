@@ -16,7 +16,7 @@ import re
 import sys
 
 from fleet_common.settings import AgentTypeSettings, HostSettings
-from fleet_worker.executors.base import CommandStep, RunSpec, Step, WriteFileStep
+from fleet_worker.executors.base import CommandStep, DirsStep, RunSpec, Step, WriteFileStep
 from fleet_worker.executors.template import render_command
 from fleet_worker.redaction import Redactor
 
@@ -90,15 +90,17 @@ def plan_run(
         "FLEET_REPO": repo,
         "FLEET_ISSUE_NUMBER": str(issue_number) if issue_number is not None else "",
     }
-    setup: list[Step] = [CommandStep("prepare", ("rm", "-rf", "--", workspace))]
-    dirs = [control]
+    # Directory housekeeping is data (DirsStep): done in-process locally, one command over SSH.
+    setup: list[Step]
     if clone_url:
-        setup += [
+        setup = [
+            DirsStep("prepare", remove=(workspace,)),
             CommandStep("clone", ("git", "clone", "--quiet", "--", clone_url, workspace)),
             CommandStep("branch", ("git", "checkout", "--quiet", "-b", branch), cwd=workspace),
+            DirsStep("prepare", make=(control, posixpath.join(workspace, ".git", "info"))),
         ]
-        dirs.append(posixpath.join(workspace, ".git", "info"))
-    setup.append(CommandStep("prepare", ("mkdir", "-p", "--", *dirs)))
+    else:
+        setup = [DirsStep("prepare", remove=(workspace,), make=(control,))]
     if clone_url:
         # Keep the prompt and receipt out of whatever the agent commits.
         exclude = posixpath.join(workspace, ".git", "info", "exclude")
@@ -124,7 +126,7 @@ def plan_run(
         clone_url=clone_url,
         setup=tuple(setup),
         after=after,
-        teardown=(CommandStep("cleanup", ("rm", "-rf", "--", workspace)),),
+        teardown=(DirsStep("cleanup", remove=(workspace,)),),
         cleanup=host.cleanup,
         step_env={**fleet_env, "GIT_TERMINAL_PROMPT": "0"},
         step_timeout_secs=step_timeout_secs,

@@ -102,7 +102,30 @@ class WriteFileStep:
     append: bool = False
 
 
-Step = CommandStep | WriteFileStep
+@dataclass(frozen=True)
+class DirsStep:
+    """Remove directory trees (``rm -rf``), then create directories (``mkdir -p``): workspace
+    housekeeping that a transport may do without starting a process."""
+
+    name: str
+    remove: tuple[str, ...] = ()
+    make: tuple[str, ...] = ()
+
+    def command(self) -> str:
+        """The same as one shell command line."""
+        parts = []
+        if self.remove:
+            parts.append(shlex.join(["rm", "-rf", "--", *self.remove]))
+        if self.make:
+            parts.append(shlex.join(["mkdir", "-p", "--", *self.make]))
+        return " && ".join(parts) or "true"
+
+    def as_argv(self) -> tuple[str, ...]:
+        """What a transport without a shortcut runs: the command line, in one ``sh``."""
+        return ("sh", "-c", self.command())
+
+
+Step = CommandStep | WriteFileStep | DirsStep
 
 
 @dataclass(frozen=True)
@@ -124,7 +147,7 @@ class RunSpec:
     clone_url: str = ""
     setup: tuple[Step, ...] = ()
     after: tuple[Step, ...] = ()
-    teardown: tuple[CommandStep, ...] = ()
+    teardown: tuple[CommandStep | DirsStep, ...] = ()
     cleanup: str = "on_success"  # "always", "on_success" or "never"
     step_env: Mapping[str, str] = field(default_factory=dict)
     step_timeout_secs: float = 600.0
@@ -190,6 +213,10 @@ class Executor(ABC):
     @abstractmethod
     def read_file(self, path: str, limit: int) -> bytes | None:
         """At most ``limit`` bytes of the file at ``path`` on the host; ``None`` if missing."""
+
+    def dirs(self, step: DirsStep, **run: Any) -> ExecResult:
+        """Do ``step``: by default as one command (``run`` are :meth:`execute`'s options)."""
+        return self.execute(step.as_argv(), **run)
 
     def close(self) -> None:  # noqa: B027 - optional for transports with nothing to release
         """Release connections; the executor must not be used afterwards."""
@@ -364,16 +391,7 @@ class _Attempt:
             except OSError as exc:
                 return RunResult(None, error=f"{step.name}_failed: {exc}")
             return None
-        self.note(f"{step.name}: {shlex.join(step.argv)}")
-        res = self.executor.execute(
-            step.argv,
-            on_output=self.sink,
-            cwd=step.cwd,
-            env=self.spec.step_env,
-            timeout_secs=self.spec.step_timeout_secs,
-            should_cancel=self.should_cancel,
-            on_idle=self.on_idle,
-        )
+        res = self.command(step, self.spec.step_timeout_secs, self.should_cancel, self.on_idle)
         if res.cancelled:
             return RunResult(None, cancelled=True)
         if res.error:
@@ -393,18 +411,37 @@ class _Attempt:
         removed = bool(self.spec.teardown)
         for step in self.spec.teardown:
             try:
-                res = self.executor.execute(
-                    step.argv,
-                    on_output=self.sink,
-                    cwd=step.cwd,
-                    env=self.spec.step_env,
-                    timeout_secs=CLEANUP_TIMEOUT_SECS,
-                )
+                res = self.command(step, CLEANUP_TIMEOUT_SECS, quiet=True)
             except ExecutorError as exc:  # the result stands; only the cleanup is lost
                 self.note(f"cleanup failed: {exc}")
                 return result
             removed = removed and res.exit_code == 0
         return replace(result, workspace_removed=removed)
+
+    def command(
+        self,
+        step: CommandStep | DirsStep,
+        timeout_secs: float,
+        should_cancel: CancelCheck = never,
+        on_idle: Callable[[], None] | None = None,
+        *,
+        quiet: bool = False,
+    ) -> ExecResult:
+        """Run a command or directory step, its output (and unless ``quiet`` a note naming
+        it) in the log."""
+        if not quiet:
+            line = step.command() if isinstance(step, DirsStep) else shlex.join(step.argv)
+            self.note(f"{step.name}: {line}")
+        run: dict[str, Any] = {
+            "on_output": self.sink,
+            "env": self.spec.step_env,
+            "timeout_secs": timeout_secs,
+            "should_cancel": should_cancel,
+            "on_idle": on_idle,
+        }
+        if isinstance(step, DirsStep):
+            return self.executor.dirs(step, **run)
+        return self.executor.execute(step.argv, cwd=step.cwd, **run)
 
     def note(self, message: str) -> None:
         self.sink(f"[fleet] {message}\n".encode())

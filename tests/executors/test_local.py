@@ -12,7 +12,10 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from fleet_common.settings import HostSettings
+from fleet_worker.executors import local
 from fleet_worker.executors.base import ExecResult, _supervise
 from fleet_worker.executors.local import LocalExecutor
 from fleet_worker.workspace import plan_run
@@ -119,7 +122,21 @@ def test_stragglers_holding_the_output_are_killed_when_the_main_process_exits() 
     wait_until(lambda: not pid_alive(int(out.value("bg"))), 5, "the straggler to die")
 
 
-def test_a_missing_command_fails_like_a_shell_would() -> None:
+#: How the parent-death signal is set: setpriv in front of the command (vfork), or the
+#: preexec_fn fallback for machines without util-linux's setpriv.
+SPAWN_MODES = ["setpriv", "preexec"]
+
+
+@pytest.fixture(params=SPAWN_MODES)
+def spawn_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "setpriv" and local.SETPRIV is None:
+        pytest.skip("no setpriv with --pdeathsig on this machine")
+    if request.param == "preexec":
+        monkeypatch.setattr(local, "SETPRIV", None)
+    return str(request.param)
+
+
+def test_a_missing_command_fails_like_a_shell_would(spawn_mode: str) -> None:
     out = Output()
     result = LocalExecutor().execute(["fleet-no-such-command"], on_output=out)
     assert result.exit_code == 127
@@ -147,7 +164,11 @@ def test_a_child_survives_the_thread_that_started_it() -> None:
 PARENT = textwrap.dedent(
     """
     import sys
+    from fleet_worker.executors import local
     from fleet_worker.executors.local import LocalExecutor
+
+    if sys.argv[1] == "preexec":
+        local.SETPRIV = None
 
     def show(chunk):
         sys.stdout.write(chunk.decode())
@@ -158,8 +179,11 @@ PARENT = textwrap.dedent(
 )
 
 
-def test_a_sigkilled_worker_leaves_no_agent_behind() -> None:
-    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True)
+@pytest.mark.parametrize("mode", SPAWN_MODES)
+def test_a_sigkilled_worker_leaves_no_agent_behind(mode: str) -> None:
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT, mode], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert parent.stdout is not None
         line = parent.stdout.readline()
