@@ -29,13 +29,18 @@ class DbReporter:
         attempt: Attempt,
         *,
         pr_check: lease.PrCheck = lease.no_forge,
+        started: bool = False,
     ) -> None:
         self.db = db
         self.orchestrator = orchestrator
         self.attempt = attempt
         self.pr_check = pr_check  # validates a receipt's PR (fleet_common.forgejo.receipts)
+        #: The claim already recorded ``started`` (HostWorker claims and starts in one commit).
+        self.started = started
 
     def start(self) -> bool:
+        if self.started:
+            return True
         return self._fenced(
             lambda s, held: lease.report_status(s, held, "running", None, now=utcnow())
         )

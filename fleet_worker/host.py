@@ -21,7 +21,7 @@ from fleet_common.dispatch.claim import claim_next
 from fleet_common.dispatch.routing import agent_queue, queue_for_key, servable_keys
 from fleet_common.forgejo.receipts import make_pr_check
 from fleet_common.settings import AgentSlotSettings, HostSettings, Settings
-from fleet_common.tasks.lease import no_forge
+from fleet_common.tasks import lease
 from fleet_common.tasks.state import Reason
 from fleet_worker.attempt import Attempt, AttemptRun, Control
 from fleet_worker.db_reporter import DbReporter
@@ -64,7 +64,7 @@ class HostWorker:
         self.slots = [Slot(i, cfg) for i, cfg in enumerate(host.agents)]
         self.stopping = False
         self.on_restart = on_restart
-        self.pr_check = make_pr_check(settings) if settings.forgejo.enabled else no_forge
+        self.pr_check = make_pr_check(settings) if settings.forgejo.enabled else lease.no_forge
         self._lock = threading.Lock()
         self._stop_heartbeats = threading.Event()
         self._heartbeat_thread: threading.Thread | None = None
@@ -139,13 +139,15 @@ class HostWorker:
 
     # -- claiming and running -----------------------------------------------------------
 
-    def serve(self) -> int:
+    def serve(self, queue: str | None = None) -> int:
         """Claim and run the best eligible tasks for this host's slots until none is left
-        (a wake-up message starts this; duplicates and stale ones find nothing). Returns
-        how many attempts ran."""
+        (a wake-up message starts this; duplicates and stale ones find nothing). A wake-up
+        from ``queue`` tries only the slots that serve that queue. Returns how many attempts
+        ran."""
+        slots = self._slots_for(queue)
         ran = 0
         while not self.stopping:
-            claimed = self._claim()
+            claimed = self._claim(slots)
             if claimed is None:
                 return ran
             slot, attempt = claimed
@@ -153,18 +155,44 @@ class HostWorker:
             ran += 1
         return ran
 
-    def _claim(self) -> tuple[Slot, Attempt] | None:
+    def _slots_for(self, queue: str | None) -> list[Slot]:
+        """The slots that serve ``queue`` (every slot for an unknown or missing queue)."""
+        if queue:
+            max_req = self.settings.orchestrator.max_requirements
+            serving = [
+                slot
+                for slot in self.slots
+                if queue == agent_queue(slot.agent_id)
+                or any(
+                    queue == queue_for_key(key)
+                    for key in servable_keys(slot.config.capabilities, max_req)
+                )
+            ]
+            if serving:
+                return serving
+        return self.slots
+
+    def _claim(self, slots: list[Slot]) -> tuple[Slot, Attempt] | None:
+        """Claim for the least busy of ``slots`` that can take more, and start the attempt
+        in the same transaction (its ``dispatched`` and ``started`` events commit together).
+        A slot at its capacity is skipped without asking the database: its claim would fail
+        (and lock its agent row for nothing); the thread that frees it claims again."""
         orch = self.settings.orchestrator
-        for slot in sorted(self.slots, key=lambda s: len(s.running) / s.config.max_concurrency):
+        for slot in sorted(slots, key=lambda s: len(s.running) / s.config.max_concurrency):
             if slot.desired_state != DesiredState.ACTIVE:
+                continue
+            if len(slot.running) >= slot.config.max_concurrency:
                 continue
             with self.db.session() as session:
                 claim = claim_next(session, orch, slot.agent_id)
-                if claim is not None:
-                    attempt = Attempt.of(claim.task, claim.lease_token)
-                    with self._lock:
-                        slot.running[attempt.task_id] = (attempt, Control())
-                    return slot, attempt
+                if claim is None:
+                    continue
+                held = lease.Held(claim.task, cancelled=False)
+                lease.report_status(session, held, "running", None, now=utcnow())
+                attempt = Attempt.of(claim.task, claim.lease_token)
+                with self._lock:
+                    slot.running[attempt.task_id] = (attempt, Control())
+            return slot, attempt
         return None
 
     def _run(self, slot: Slot, attempt: Attempt) -> None:
@@ -174,7 +202,7 @@ class HostWorker:
         try:
             agent_type = self.settings.agent_types[slot.config.agent_type]
             orch = self.settings.orchestrator
-            reporter = DbReporter(self.db, orch, attempt, pr_check=self.pr_check)
+            reporter = DbReporter(self.db, orch, attempt, pr_check=self.pr_check, started=True)
             AttemptRun(orch, self.host, agent_type, self.executor, attempt, control, reporter).run()
         finally:
             with self._lock:

@@ -19,7 +19,8 @@ from fleet_common.settings import Settings
 if TYPE_CHECKING:
     from fleet_worker.publisher import Publisher
 
-# A worker process runs one task at a time (prefetch 1); a small pool is plenty.
+# A prefork pool process or beat runs one task at a time (prefetch 1); a small pool is plenty.
+# ``fleet worker`` runs a thread per unit of its host's capacity and sets ``pool_size``.
 WORKER_POOL_SIZE = 2
 
 
@@ -33,6 +34,8 @@ class Runtime:
         self._pid = os.getpid()
         self._database: Database | None = None
         self._publisher: Publisher | None = None
+        #: Connections kept open (as many again may overflow); set before first use.
+        self.pool_size = WORKER_POOL_SIZE
         #: Called with each Database this runtime builds (e.g. to watch its commits).
         self.database_hooks: list[Callable[[Database], None]] = []
 
@@ -42,7 +45,7 @@ class Runtime:
         with self._lock:
             self._check_fork()
             if self._database is None:
-                database = Database(self.settings.database_url, pool_size=WORKER_POOL_SIZE)
+                database = Database(self.settings.database_url, pool_size=self.pool_size)
                 for hook in self.database_hooks:
                     hook(database)
                 self._database = database

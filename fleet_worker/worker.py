@@ -75,6 +75,8 @@ def run_worker(settings: Settings, host_id: str | None = None, *, loglevel: str 
     host = host_for(settings, host_id)
     app = make_celery(settings)
     dispatch.register(app)
+    # One connection per attempt thread, the heartbeat's, and one to spare.
+    app.runtime.pool_size = sum(slot.max_concurrency for slot in host.agents) + 2
     db = app.runtime.database
     worker = HostWorker(settings, host, db, on_restart=lambda: os.kill(os.getpid(), signal.SIGTERM))
     worker.register()

@@ -20,6 +20,7 @@ def dispatch(task: FleetTask, task_id: str) -> None:
     if host is None:
         task.log("no host served by this process; wake-up for %s dropped", task_id)
         return
-    ran = host.serve()
+    delivery = task.request.delivery_info or {}
+    ran = host.serve(delivery.get("routing_key"))
     if ran:
         task.log("woken for %s: ran %d attempt(s)", task_id, ran)
