@@ -76,6 +76,12 @@ class Control:
         return self._stop.is_set()
 
 
+@dataclass(frozen=True)
+class LogChunk:
+    seq: int
+    text: str
+
+
 class Reporter(Protocol):
     """Where an attempt reports. ``start``/``log``/``check`` return False when the attempt
     must stop (the task was cancelled or the lease is no longer ours)."""
@@ -89,7 +95,9 @@ class Reporter(Protocol):
 
     def check(self) -> bool: ...
 
-    def finish(self, outcome: Outcome) -> None: ...
+    def finish(self, outcome: Outcome, last_log: LogChunk | None = None) -> None:
+        """Report the outcome; ``last_log`` (the log's end, not yet sent) is stored first."""
+        ...
 
 
 class AttemptRun:
@@ -142,8 +150,9 @@ class AttemptRun:
         except Exception as error:  # a bug or a bad template fails the attempt, never hangs it
             log.exception("attempt %s of %s crashed", a.attempt, a.task_id)
             result = RunResult(None, error=f"worker_error: {error}")
-        self._flush()
-        self.reporter.finish(outcome_of(result, stopping=self.control.stopping_worker))
+        # The log's end goes with the outcome: one report (one transaction) instead of two.
+        outcome = outcome_of(result, stopping=self.control.stopping_worker)
+        self.reporter.finish(outcome, self._take())
         log.info("task %s attempt %s: %s", a.task_id, a.attempt, result.failure or "succeeded")
 
     def _output(self, chunk: bytes) -> None:
@@ -153,15 +162,20 @@ class AttemptRun:
         if due or time.monotonic() - self._last_flush >= self.reporter.flush_secs:
             self._flush()
 
-    def _flush(self) -> None:
+    def _take(self) -> LogChunk | None:
+        """The output not yet sent, as the log's next chunk (None if there is none)."""
         with self._lock:
             data, self._buffer = bytes(self._buffer), bytearray()
+        if not data:
+            return None
+        chunk = LogChunk(self._seq, data.decode("utf-8", "replace"))
+        self._seq += 1
+        return chunk
+
+    def _flush(self) -> None:
+        chunk = self._take()
         self._last_flush = self._last_check = time.monotonic()
-        if data:
-            ok = self.reporter.log(self._seq, data.decode("utf-8", "replace"))
-            self._seq += 1
-        else:
-            ok = self.reporter.check()
+        ok = self.reporter.log(chunk.seq, chunk.text) if chunk else self.reporter.check()
         if not ok:
             self.control.stop()
 

@@ -7,12 +7,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from sqlalchemy.orm import Session
+
 from fleet_common.db import Database, utcnow
 from fleet_common.errors import FleetError, NotFound, StaleLease
 from fleet_common.settings import OrchestratorSettings
 from fleet_common.tasks import lease, logs
 from fleet_common.tasks.state import Reason
-from fleet_worker.attempt import Attempt
+from fleet_worker.attempt import Attempt, LogChunk
 from fleet_worker.outcome import Outcome
 
 log = logging.getLogger("fleet.worker")
@@ -46,10 +48,11 @@ class DbReporter:
         )
 
     def log(self, seq: int, text: str) -> bool:
+        return self._fenced(lambda s, held: self._append(s, held, LogChunk(seq, text)))
+
+    def _append(self, session: Session, held: lease.Held, chunk: LogChunk) -> None:
         limit = self.orchestrator.max_log_bytes
-        return self._fenced(
-            lambda s, held: logs.append(s, held.task, seq, text, max_bytes=limit, now=utcnow())
-        )
+        logs.append(session, held.task, chunk.seq, chunk.text, max_bytes=limit, now=utcnow())
 
     def check(self) -> bool:
         return self._fenced(lambda s, held: None)
@@ -76,10 +79,12 @@ class DbReporter:
             log.warning("task %s: database unavailable; will retry", a.task_id, exc_info=True)
             return True
 
-    def finish(self, outcome: Outcome) -> None:
-        """Report the outcome; retried through a short database outage (the lease sweep acts
-        if it lasts longer)."""
+    def finish(self, outcome: Outcome, last_log: LogChunk | None = None) -> None:
+        """Store ``last_log`` and report the outcome in one transaction; retried through a
+        short database outage (the lease sweep acts if it lasts longer)."""
         if outcome.kind == "none":
+            if last_log is not None:
+                self.log(last_log.seq, last_log.text)
             return
         orch = self.orchestrator
         a = self.attempt
@@ -90,6 +95,8 @@ class DbReporter:
                     held = lease.held_task(
                         session, a.task_id, a.agent_id, a.lease_token, now=utcnow()
                     )
+                    if last_log is not None:  # a cancelled task still takes its log
+                        self._append(session, held, last_log)
                     if held.cancelled:
                         return
                     if outcome.kind == "complete":
@@ -101,6 +108,8 @@ class DbReporter:
                 return
             except FleetError as error:
                 log.info("task %s: report refused: %s", a.task_id, error)
+                if last_log is not None:  # rolled back with the refused report
+                    self.log(last_log.seq, last_log.text)
                 return
             except Exception:
                 if time.monotonic() > deadline:

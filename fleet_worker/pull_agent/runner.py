@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from fleet_common.settings import HostSettings
-from fleet_worker.attempt import Attempt, AttemptRun, Control
+from fleet_worker.attempt import Attempt, AttemptRun, Control, LogChunk
 from fleet_worker.executors.base import Executor
 from fleet_worker.outcome import Outcome
 from fleet_worker.pull_agent.client import AgentClient, ApiError, Unreachable
@@ -55,7 +55,9 @@ class HttpReporter:
     def check(self) -> bool:
         return self._post("status", {"status": "running"})
 
-    def finish(self, outcome: Outcome) -> None:
+    def finish(self, outcome: Outcome, last_log: LogChunk | None = None) -> None:
+        if last_log is not None:
+            self.log(last_log.seq, last_log.text)
         if outcome.kind == "none":
             return
         a = self.attempt
