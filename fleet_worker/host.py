@@ -40,6 +40,13 @@ class Slot:
     agent_id: str = ""
     desired_state: str = DesiredState.ACTIVE
     running: dict[str, tuple[Attempt, Control]] = field(default_factory=dict)
+    #: Threads claiming for this slot now, and wake-ups turned away since the slot was full.
+    claiming: int = 0
+    turned_away: int = 0
+
+    def full(self) -> bool:
+        """Every place is running or being claimed for (the caller holds the host's lock)."""
+        return len(self.running) + self.claiming >= self.config.max_concurrency
 
     def host_uid(self, host_id: str) -> str:
         return f"host:{host_id}:{self.index}:{self.config.agent_type}"
@@ -173,27 +180,54 @@ class HostWorker:
         return self.slots
 
     def _claim(self, slots: list[Slot]) -> tuple[Slot, Attempt] | None:
-        """Claim for the least busy of ``slots`` that can take more, and start the attempt
-        in the same transaction (its ``dispatched`` and ``started`` events commit together).
-        A slot at its capacity is skipped without asking the database: its claim would fail
-        (and lock its agent row for nothing); the thread that frees it claims again."""
-        orch = self.settings.orchestrator
+        """Claim for the least busy of ``slots`` that can take more."""
         for slot in sorted(slots, key=lambda s: len(s.running) / s.config.max_concurrency):
             if slot.desired_state != DesiredState.ACTIVE:
                 continue
-            if len(slot.running) >= slot.config.max_concurrency:
-                continue
-            with self.db.session() as session:
-                claim = claim_next(session, orch, slot.agent_id)
-                if claim is None:
-                    continue
-                held = lease.Held(claim.task, cancelled=False)
-                lease.report_status(session, held, "running", None, now=utcnow())
-                attempt = Attempt.of(claim.task, claim.lease_token)
-                with self._lock:
-                    slot.running[attempt.task_id] = (attempt, Control())
-            return slot, attempt
+            attempt = self._claim_for(slot)
+            if attempt is not None:
+                return slot, attempt
         return None
+
+    def _claim_for(self, slot: Slot) -> Attempt | None:
+        """Claim for ``slot`` unless every place in it is running or being claimed for: a
+        wake-up turned away then costs no database work (a claim would wait for the agent row
+        that the other claims lock, to find the slot full). The threads of a full slot claim
+        again when they are done, so the turned-away task is not lost; and a claim that finds
+        nothing tries once more if a wake-up was turned away while it ran (its task may have
+        been committed after the claim looked)."""
+        with self._lock:
+            if slot.full():
+                slot.turned_away += 1
+                return None
+            slot.claiming += 1
+        try:
+            while True:
+                with self._lock:
+                    turned_away = slot.turned_away
+                attempt = self._claim_in_db(slot)
+                if attempt is not None:
+                    return attempt
+                with self._lock:
+                    if slot.turned_away == turned_away:
+                        return None
+        finally:
+            with self._lock:
+                slot.claiming -= 1
+
+    def _claim_in_db(self, slot: Slot) -> Attempt | None:
+        """Claim and start the attempt in one transaction (its ``dispatched`` and ``started``
+        events commit together)."""
+        with self.db.session() as session:
+            claim = claim_next(session, self.settings.orchestrator, slot.agent_id)
+            if claim is None:
+                return None
+            held = lease.Held(claim.task, cancelled=False)
+            lease.report_status(session, held, "running", None, now=utcnow())
+            attempt = Attempt.of(claim.task, claim.lease_token)
+        with self._lock:  # once committed (a failed commit claimed nothing)
+            slot.running[attempt.task_id] = (attempt, Control())
+        return attempt
 
     def _run(self, slot: Slot, attempt: Attempt) -> None:
         _, control = slot.running[attempt.task_id]
