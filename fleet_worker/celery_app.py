@@ -38,9 +38,11 @@ BROKER_SOCKET_TIMEOUT_SECS = 10
 #: Redis redelivers a message unacknowledged for this long (acks are late: after the task ran),
 #: so it must exceed the longest task; below the longest task, a running task gets a twin.
 MIN_VISIBILITY_TIMEOUT_SECS = 3600
-#: How often an idle consumer of the filesystem broker looks for messages. kombu's default (1 s)
-#: also paces a busy one: with prefetch 1, each message after the first waits for the next poll.
-FILESYSTEM_POLLING_INTERVAL_SECS = 0.05
+#: How often an idle consumer of the filesystem broker looks for messages: half of it is the
+#: mean wait of a wake-up. kombu's default (1 s) also paces a busy one: with prefetch 1, each
+#: message after the first waits for the next poll. A poll is one folder listing
+#: (fleet_worker.filesystem_broker), so polling this often costs little.
+FILESYSTEM_POLLING_INTERVAL_SECS = 0.02
 #: Longest pause between two attempts to reach a lost broker. kombu's grows by 2 s per attempt
 #: up to 30 s, so after a minute's outage a worker could stay deaf 10 s and more once the broker
 #: is back; retried this often, it hears wake-ups again within seconds.
