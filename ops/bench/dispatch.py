@@ -88,24 +88,46 @@ def pct(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
-def group_cpu(pgid: int) -> float:
+#: What a process of ``fleet up`` is, from its command line (the rest count as "other").
+ROLES = ("api", "worker", "beat")
+
+
+def group_cpu(pgid: int) -> dict[str, float]:
     """CPU seconds used by the processes of group ``pgid`` and the children they reaped (the
-    agents): a figure the machine's load does not inflate, unlike wall time."""
-    total = 0
+    agents): a figure the machine's load does not inflate, unlike wall time. By role (the
+    ``fleet`` subcommand in the command line), plus ``total`` and ``children`` (reaped)."""
+    cpu = {"total": 0.0, "children": 0.0}
+    tick = os.sysconf("SC_CLK_TCK")
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
+            argv = (stat.parent / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if int(fields[2]) == pgid:  # pgrp; then utime, stime, cutime, cstime
-            total += sum(int(x) for x in fields[11:15])
-    return total / os.sysconf("SC_CLK_TCK")
+        if int(fields[2]) != pgid:  # pgrp; then utime, stime, cutime, cstime
+            continue
+        used = sum(int(x) for x in fields[11:15]) / tick
+        role = next((r for r in ROLES if r.encode() in argv), "other")
+        cpu[role] = cpu.get(role, 0.0) + used
+        cpu["total"] += used
+        cpu["children"] += sum(int(x) for x in fields[13:15]) / tick
+    return cpu
+
+
+def cpu_since(before: dict[str, float], pgid: int, count: int) -> dict[str, float]:
+    """CPU ms per task of group ``pgid`` since ``before`` (a :func:`group_cpu` reading)."""
+    after = group_cpu(pgid)
+    return {k: (v - before.get(k, 0.0)) / count * 1000 for k, v in after.items()}
 
 
 @dataclass
 class Throughput:
     tasks_per_sec: float
-    cpu_ms_per_task: float
+    cpu: dict[str, float]  # CPU ms per task: total, children (reaped) and by role
+
+    @property
+    def cpu_ms_per_task(self) -> float:
+        return self.cpu["total"]
 
 
 # -- services ----------------------------------------------------------------------------------
@@ -292,14 +314,14 @@ agents = [
             return int(json.loads(reply.headers["X-Pagination"])["total"]) >= count
 
         wait_for(done, 60 + count, f"{self.name}: {count} tasks completed", 0.25)
-        cpu = group_cpu(self.process.proc.pid) - cpu
+        cpu = cpu_since(cpu, self.process.proc.pid, count)
         finished = []
         for page in range(1, count // 500 + 2):
             rows = self._get("/tasks", label=label, page=page, page_size=500).json()
             finished += [row["finished_at"] for row in rows]
         end = max(_epoch(f) for f in finished)
         log(f"{self.name}: submitted {count} in {submitted:.2f}s, done after {end - began:.2f}s")
-        return Throughput(count / (end - began), cpu / count * 1000)
+        return Throughput(count / (end - began), cpu)
 
     def close(self) -> None:
         self.process.stop()
@@ -387,9 +409,9 @@ class Bare:
         wait_for(
             lambda: len(list(done.glob(f"{batch}-*"))) >= count, 60 + count, "bare tasks", 0.25
         )
-        cpu = group_cpu(self.process.proc.pid) - cpu
+        cpu = cpu_since(cpu, self.process.proc.pid, count)
         end = max(p.stat().st_mtime for p in done.glob(f"{batch}-*"))
-        return Throughput(count / (end - began), cpu / count * 1000)
+        return Throughput(count / (end - began), cpu)
 
     def close(self) -> None:
         self.process.stop()
@@ -515,8 +537,8 @@ def report(r: dict[str, Any]) -> None:
     if "emb_lat" in r:
         print(r["emb_lat"].row("Fleet embedded (sqlite + filesystem)"))
     print("\nWhere Fleet's time goes, p50 ms (event log): created -> dispatched (publish, broker,")
-    print("worker, claim), dispatched -> started (start transaction), started -> agent running")
-    print("(workspace steps and the agent's spawn)")
+    print("worker, claim), dispatched -> started (the rest of the claim's transaction, which")
+    print("records both), started -> agent running (commit, workspace steps, the agent's spawn)")
     print(phases_row("Fleet (redis + postgresql)", r["fleet_phases"]))
     if "emb_phases" in r:
         print(phases_row("Fleet embedded", r["emb_phases"]))
@@ -527,6 +549,10 @@ def report(r: dict[str, Any]) -> None:
         rows.append(("Fleet embedded (sqlite + filesystem)", r["emb_tps"]))
     for name, t in rows:
         print(f"  {name:<34} {t.tasks_per_sec:8.1f} {t.cpu_ms_per_task:12.1f}")
+    print("\nCPU ms per task by process (agents and other children: reaped by their parent)")
+    for name, t in rows[1:]:
+        split = ", ".join(f"{role} {t.cpu[role]:.1f}" for role in ROLES if role in t.cpu)
+        print(f"  {name:<34} {split}; reaped children {t.cpu['children']:.1f}")
     fleet, bare = r["fleet_lat"], r["bare_lat"]
     ratio = r["fleet_tps"].tasks_per_sec / r["bare_tps"].tasks_per_sec
     checks = [
