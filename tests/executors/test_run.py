@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from fleet_common.settings import HostSettings
+from fleet_worker.executors.base import DirsStep
 from fleet_worker.executors.local import LocalExecutor
 from fleet_worker.redaction import Redactor
 from fleet_worker.workspace import plan_run
@@ -230,3 +231,33 @@ def test_demo_agent_on_an_empty_repository(local_host: HostSettings, tmp_path: P
         git("--git-dir", str(empty), "rev-parse", "fleet/t-empty")
         == (result.receipt or {})["commit_sha"]
     )
+
+
+def test_workspace_steps_are_done_in_process_like_rm_rf_and_mkdir_p(tmp_path: Path) -> None:
+    target = tmp_path / "target"
+    (target / "keep").mkdir(parents=True)
+    link, plain, tree = tmp_path / "link", tmp_path / "plain", tmp_path / "tree"
+    link.symlink_to(target)
+    plain.write_text("x")
+    (tree / "a" / "b").mkdir(parents=True)
+    step = DirsStep(
+        "prepare",
+        remove=(str(link), str(plain), str(tree), str(tmp_path / "missing")),
+        make=(str(tmp_path / "new" / "deep"), str(target)),
+    )
+    result = LocalExecutor().dirs(step, on_output=Output())
+    assert result.exit_code == 0
+    assert not link.exists() and not link.is_symlink() and (target / "keep").is_dir()
+    assert not plain.exists() and not tree.exists()
+    assert (tmp_path / "new" / "deep").is_dir()
+
+
+def test_a_workspace_that_cannot_be_made_fails_the_attempt(local_host: HostSettings) -> None:
+    Path(local_host.work_dir).parent.mkdir(parents=True, exist_ok=True)
+    Path(local_host.work_dir).write_text("a file where the work dir should be")
+    spec = plan_run(local_host, agent("true"), task_id="t-nodir", prompt="x")
+    out = Output()
+    result = LocalExecutor().run(spec, out)
+    assert result.exit_code is None
+    assert result.failure == "prepare_failed: exit code 1"
+    assert "[fleet] prepare: " in out.text
