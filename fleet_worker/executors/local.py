@@ -308,4 +308,5 @@ def _executable(name: str, cwd: str | None, path: str) -> str:
     program = shutil.which(name, path=path)
     if program is None:
         raise StartFailed(os.strerror(errno.ENOENT))
-    return program
+    # Found through a relative PATH entry: leave the search to exec, from the agent's cwd.
+    return program if os.path.isabs(program) else name
