@@ -13,8 +13,11 @@ worker holds) kills the rest of the group when the worker dies, however it dies.
 
 ``PR_SET_PDEATHSIG`` fires when the *thread* that forked the child exits, not the process. A
 run started from a short-lived thread (a thread pool that shrinks, a per-task thread) would
-kill its agent when that thread ends. So every child is forked by one daemon thread that lives
-as long as the process (:class:`_Spawner`); the calling thread only waits for the ``Popen``.
+kill its agent when that thread ends. So a child started with :meth:`LocalExecutor.start`,
+whose handle may outlive the calling thread, is forked by one daemon thread that lives as long
+as the process (:class:`_Spawner`). A child started by ``execute`` (every step and agent of an
+attempt) is forked by the calling thread itself, which waits for it to the end: this saves two
+thread wake-ups on the way to the agent.
 """
 
 from __future__ import annotations
@@ -225,6 +228,21 @@ class LocalExecutor(Executor):
         self, argv: Sequence[str], *, cwd: str | None, env: Mapping[str, str]
     ) -> ProcessHandle:
         """Start ``argv`` in a new session that dies with this process."""
+        return self._start(argv, cwd, env, _SPAWNER.call)
+
+    def start_supervised(
+        self, argv: Sequence[str], *, cwd: str | None, env: Mapping[str, str]
+    ) -> ProcessHandle:
+        """Start ``argv`` from the calling thread, which waits for it to its end."""
+        return self._start(argv, cwd, env, lambda spawn: spawn())
+
+    def _start(
+        self,
+        argv: Sequence[str],
+        cwd: str | None,
+        env: Mapping[str, str],
+        forker: Callable[[Callable[[], subprocess.Popen[bytes]]], subprocess.Popen[bytes]],
+    ) -> ProcessHandle:
         full_env = agent_environment(env, self._parent_env)
         if SETPRIV is not None:
             # Found here, so that a missing command fails to start as it would without setpriv.
@@ -247,7 +265,7 @@ class LocalExecutor(Executor):
             )
 
         try:
-            popen = _SPAWNER.call(spawn)
+            popen = forker(spawn)
         except OSError as exc:
             where = f" in {cwd}" if cwd else ""
             raise StartFailed(f"{exc.strerror or exc}{where}") from None
