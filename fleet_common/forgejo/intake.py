@@ -24,14 +24,14 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 
-from sqlalchemy import exc
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from fleet_common.db import utcnow
 from fleet_common.errors import FleetError
 from fleet_common.forgejo import health, issues, prs
 from fleet_common.forgejo.events import Delivery, EventKind
-from fleet_common.forgejo.models import WebhookDelivery
+from fleet_common.forgejo.models import WebhookDelivery, insert_for
 from fleet_common.settings import Settings
 from fleet_common.sweeps import Publish
 from fleet_common.tasks.models import Task, TaskStatus
@@ -79,26 +79,36 @@ def receive(
 ) -> IntakeResult:
     """Apply one verified delivery in the caller's unit of work (see the module docstring)."""
     now = now or utcnow()
-    row = WebhookDelivery(
-        delivery_id=(delivery.delivery_id or f"sha256:{delivery.digest}")[:100],
-        digest=delivery.digest,
-        event=delivery.event[:60],
-        action=delivery.action[:60],
-        repo=delivery.repo_full_name[:300],
-        number=delivery.number,
-        outcome="",
-        received_at=now,
-    )
-    try:
-        with session.begin_nested():
-            session.add(row)
-    except exc.IntegrityError:
+    # One statement stores and dedupes (both ``delivery_id`` and ``digest`` are unique): no
+    # SAVEPOINT, no read first. A concurrent twin waits for ours to commit, then finds it.
+    stored = session.execute(
+        insert_for(session, WebhookDelivery)
+        .values(
+            delivery_id=(delivery.delivery_id or f"sha256:{delivery.digest}")[:100],
+            digest=delivery.digest,
+            event=delivery.event[:60],
+            action=delivery.action[:60],
+            repo=delivery.repo_full_name[:300],
+            number=delivery.number,
+            outcome="",
+            received_at=now,
+        )
+        .on_conflict_do_nothing()
+        .returning(WebhookDelivery.id)
+    ).scalar_one_or_none()
+    if stored is None:
         return IntakeResult("duplicate")
     result = _route(session, settings, delivery, now)
-    row.outcome = result.summary[:200]
-    row.task_id = result.task_ids[0] if result.task_ids else None
+    session.execute(
+        update(WebhookDelivery)
+        .where(WebhookDelivery.id == stored)
+        .values(
+            outcome=result.summary[:200],
+            task_id=result.task_ids[0] if result.task_ids else None,
+        )
+    )
     # Health last: task rows are always locked before it (see fleet_common.forgejo.health).
-    health.touch(session, delivery.repo_full_name, last_webhook_at=now)
+    health.webhook_seen(session, delivery.repo_full_name, now)
     if result.error:
         health.record_error(session, delivery.repo_full_name, result.error, now)
     session.flush()
@@ -132,17 +142,15 @@ def _issue_event(
     actor = _actor(delivery)
     qualifying = issues.qualifies(settings.forgejo, issue.labels, issue.state)
     if qualifying and kind in _CREATING:
-        active = issues.active_task(session, repo, issue.number)
-        if active is not None and kind == K.ISSUE_LABEL_UPDATED:
-            return _relabel(session, settings, active, issue.labels, actor, now)
-        if active is not None:
-            return IntakeResult("exists", active.id)
-        latest = issues.latest_task(session, repo, issue.number)
-        if kind == K.ISSUE_LABEL_UPDATED and not issues.labelled_again(
-            session, settings.forgejo, latest, issue.labels
-        ):
-            detail = f"issue #{issue.number}: its task {latest.id if latest else ''} is over"
-            return IntakeResult("unchanged", detail)
+        if kind == K.ISSUE_LABEL_UPDATED:
+            active = issues.active_task(session, repo, issue.number)
+            if active is not None:
+                return _relabel(session, settings, active, issue.labels, actor, now)
+            latest = issues.latest_task(session, repo, issue.number)
+            if not issues.labelled_again(session, settings.forgejo, latest, issue.labels):
+                detail = f"issue #{issue.number}: its task {latest.id if latest else ''} is over"
+                return IntakeResult("unchanged", detail)
+        # Opened / reopened: no read first, the insert finds an active task by itself.
         opened = issues.open_task(
             session,
             settings,
