@@ -16,15 +16,19 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
-from fleet_common.forgejo.models import IntakeHealth, insert_for
+from fleet_common.forgejo.models import IntakeHealth
+from fleet_common.forgejo.sql import insert_for
 from fleet_common.settings import Settings
 
 MAX_ERROR_CHARS = 2000
 #: How stale ``last_webhook_at`` may be (see the module docstring).
 WEBHOOK_RESOLUTION = dt.timedelta(seconds=1)
+
+_TABLE = IntakeHealth.__table__
+_LAST_WEBHOOK = select(_TABLE.c.last_webhook_at).where(_TABLE.c.repo == bindparam("repo"))
 
 
 @dataclass(frozen=True)
@@ -52,8 +56,7 @@ def webhook_seen(session: Session, repo: str, now: dt.datetime) -> None:
     until commit) only when the stored time is :data:`WEBHOOK_RESOLUTION` older."""
     if not repo:
         return
-    query = select(IntakeHealth.last_webhook_at).where(IntakeHealth.repo == repo)
-    last = session.execute(query).scalar_one_or_none()
+    last = session.connection().execute(_LAST_WEBHOOK, {"repo": repo}).scalar_one_or_none()
     if last is None or last < now - WEBHOOK_RESOLUTION:
         touch(session, repo, last_webhook_at=now)
 

@@ -24,14 +24,15 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 
-from sqlalchemy import update
+from sqlalchemy import bindparam, update
 from sqlalchemy.orm import Session
 
 from fleet_common.db import utcnow
 from fleet_common.errors import FleetError
 from fleet_common.forgejo import health, issues, prs
 from fleet_common.forgejo.events import Delivery, EventKind
-from fleet_common.forgejo.models import WebhookDelivery, insert_for
+from fleet_common.forgejo.models import WebhookDelivery
+from fleet_common.forgejo.sql import insert_new, table_of
 from fleet_common.settings import Settings
 from fleet_common.sweeps import Publish
 from fleet_common.tasks.models import Task, TaskStatus
@@ -53,6 +54,13 @@ PR_KINDS = frozenset(
 _CREATING = frozenset({K.ISSUE_OPENED, K.ISSUE_REOPENED, K.ISSUE_LABEL_UPDATED})
 _LABELLING = frozenset({K.ISSUE_LABEL_UPDATED, K.ISSUE_LABEL_CLEARED})
 _STOPPING = frozenset({K.ISSUE_CLOSED, *_LABELLING})
+
+_DELIVERIES = table_of(WebhookDelivery)
+_RECORD_OUTCOME = (
+    update(_DELIVERIES)
+    .where(_DELIVERIES.c.id == bindparam("stored"))
+    .values(outcome=bindparam("outcome"), task_id=bindparam("task_id"))
+)
 
 
 @dataclass
@@ -81,37 +89,38 @@ def receive(
     now = now or utcnow()
     # One statement stores and dedupes (both ``delivery_id`` and ``digest`` are unique): no
     # SAVEPOINT, no read first. A concurrent twin waits for ours to commit, then finds it.
-    stored = session.execute(
-        insert_for(session, WebhookDelivery)
-        .values(
-            delivery_id=(delivery.delivery_id or f"sha256:{delivery.digest}")[:100],
-            digest=delivery.digest,
-            event=delivery.event[:60],
-            action=delivery.action[:60],
-            repo=delivery.repo_full_name[:300],
-            number=delivery.number,
-            outcome="",
-            received_at=now,
-        )
-        .on_conflict_do_nothing()
-        .returning(WebhookDelivery.id)
-    ).scalar_one_or_none()
+    connection = session.connection()
+    stored = insert_new(
+        connection,
+        WebhookDelivery,
+        {
+            "delivery_id": (delivery.delivery_id or f"sha256:{delivery.digest}")[:100],
+            "digest": delivery.digest,
+            "event": delivery.event[:60],
+            "action": delivery.action[:60],
+            "repo": delivery.repo_full_name[:300],
+            "number": delivery.number,
+            "outcome": "",
+            "task_id": None,
+            "received_at": now,
+        },
+    )
     if stored is None:
         return IntakeResult("duplicate")
     result = _route(session, settings, delivery, now)
-    session.execute(
-        update(WebhookDelivery)
-        .where(WebhookDelivery.id == stored)
-        .values(
-            outcome=result.summary[:200],
-            task_id=result.task_ids[0] if result.task_ids else None,
-        )
+    session.flush()  # what routing changed through the ORM, before the rows it names
+    connection.execute(
+        _RECORD_OUTCOME,
+        {
+            "stored": stored,
+            "outcome": result.summary[:200],
+            "task_id": result.task_ids[0] if result.task_ids else None,
+        },
     )
     # Health last: task rows are always locked before it (see fleet_common.forgejo.health).
     health.webhook_seen(session, delivery.repo_full_name, now)
     if result.error:
         health.record_error(session, delivery.repo_full_name, result.error, now)
-    session.flush()
     return result
 
 

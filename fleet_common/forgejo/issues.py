@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session, make_transient_to_detached
 
 from fleet_common.dispatch.routing import (
@@ -28,11 +28,12 @@ from fleet_common.dispatch.routing import (
 from fleet_common.errors import FleetError, InvalidInput
 from fleet_common.forgejo import prs, writeback
 from fleet_common.forgejo.events import IssueInfo
-from fleet_common.forgejo.models import WebhookDelivery, insert_for
+from fleet_common.forgejo.models import WebhookDelivery
+from fleet_common.forgejo.sql import insert_new, row_of, table_of
 from fleet_common.settings import ForgejoSettings, Settings
 from fleet_common.sweeps import Publish
 from fleet_common.tasks import service, state
-from fleet_common.tasks.models import TERMINAL, Task, TaskStatus
+from fleet_common.tasks.models import TERMINAL, Task, TaskEvent, TaskStatus
 from fleet_common.tasks.state import Reason
 
 log = logging.getLogger("fleet.forgejo")
@@ -42,6 +43,7 @@ DEFAULT_PROMPT_TEMPLATE = "{title}\n\n{body}"
 #: marker :func:`labelled_again` looks for.
 UNQUALIFIED = "unqualified"
 MAX_TITLE = 500
+_INSERT_EVENT = insert(table_of(TaskEvent))
 
 
 def qualifying_labels(forgejo: ForgejoSettings, labels: Iterable[str]) -> set[str]:
@@ -191,15 +193,13 @@ def open_task(
         task = service.new_task(settings, data, now=now)
     except FleetError as error:
         return Opened("rejected", None, f"issue #{issue.number}: {error.message}")
-    event = state.record_creation(session, task, actor)  # pending until the task row exists
-    values = {column.key: getattr(task, column.key) for column in Task.__table__.columns}
-    with session.no_autoflush:
-        created = session.execute(
-            insert_for(session, Task).values(values).on_conflict_do_nothing().returning(Task.id)
-        ).scalar_one_or_none()
-    if created is None:
-        session.expunge(event)
+    # Task and creation event are written in Core: the event as the state machine made it.
+    event = state.record_creation(session, task, actor)
+    session.expunge(event)
+    connection = session.connection()
+    if insert_new(connection, Task, row_of(task)) is None:
         return Opened("exists", active_task(session, repo, issue.number))
+    connection.execute(_INSERT_EVENT, row_of(event))
     make_transient_to_detached(task)  # the row is stored: the object is now a loaded one
     session.add(task)
     writeback.inserted(session, [task.id])

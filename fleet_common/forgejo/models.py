@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
 
 from sqlalchemy import BigInteger, Index, Integer, String, Text
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy.orm import Mapped, mapped_column
 
 from fleet_common.db import Base, utcnow
 
@@ -44,10 +42,3 @@ class IntakeHealth(Base):
     last_reconcile_at: Mapped[dt.datetime | None]
     last_error: Mapped[str | None] = mapped_column(Text)
     last_error_at: Mapped[dt.datetime | None]
-
-
-def insert_for(session: Session, entity: Any) -> Any:
-    """An ``INSERT`` for ``entity`` in the session's dialect, so that it offers
-    ``on_conflict_do_nothing`` / ``on_conflict_do_update`` (PostgreSQL and SQLite both)."""
-    dialect = session.get_bind().dialect.name
-    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(entity)
