@@ -59,7 +59,8 @@ _DELIVERIES = table_of(WebhookDelivery)
 _RECORD_OUTCOME = (
     update(_DELIVERIES)
     .where(_DELIVERIES.c.id == bindparam("stored"))
-    .values(outcome=bindparam("outcome"), task_id=bindparam("task_id"))
+    .values(outcome=bindparam("new_outcome"), task_id=bindparam("new_task_id"))
+    .returning(health.last_webhook_of(bindparam("health_repo")))
 )
 
 
@@ -109,16 +110,17 @@ def receive(
         return IntakeResult("duplicate")
     result = _route(session, settings, delivery, now)
     session.flush()  # what routing changed through the ORM, before the rows it names
-    connection.execute(
+    last_webhook = connection.execute(
         _RECORD_OUTCOME,
         {
             "stored": stored,
-            "outcome": result.summary[:200],
-            "task_id": result.task_ids[0] if result.task_ids else None,
+            "new_outcome": result.summary[:200],
+            "new_task_id": result.task_ids[0] if result.task_ids else None,
+            "health_repo": delivery.repo_full_name,
         },
-    )
+    ).scalar_one()
     # Health last: task rows are always locked before it (see fleet_common.forgejo.health).
-    health.webhook_seen(session, delivery.repo_full_name, now)
+    health.webhook_seen(session, delivery.repo_full_name, now, last_webhook)
     if result.error:
         health.record_error(session, delivery.repo_full_name, result.error, now)
     return result
