@@ -50,10 +50,7 @@ def insert_new(connection: Connection, entity: type[Base], row: dict[str, Any]) 
 
 
 def row_of(instance: Base) -> dict[str, Any]:
-    """The column values of a mapped object, for a Core ``INSERT`` (an unset primary key is
-    left to the database)."""
-    return {
-        column.key: value
-        for column in table_of(type(instance)).columns
-        if (value := getattr(instance, column.key)) is not None or not column.primary_key
-    }
+    """The column values set on a mapped object, for a Core ``INSERT`` (read from its state
+    directly: what was never set, an autoincrement key included, is left to the database)."""
+    state = instance.__dict__
+    return {c.key: state[c.key] for c in table_of(type(instance)).columns if c.key in state}

@@ -43,6 +43,14 @@ CREATE_FIELDS = (
 )
 
 
+# (column, default) of the task columns with a constant default, which new_task() fills in.
+_SCALAR_DEFAULTS = [
+    (column.key, column.default.arg)
+    for column in Task.__table__.columns
+    if column.default is not None and column.default.is_scalar
+]
+
+
 @dataclass
 class Created:
     task: Task
@@ -132,10 +140,9 @@ def new_task(settings: Settings, data: dict[str, Any], *, now: dt.datetime) -> T
         # The caller wakes a worker after commit; the relay re-sends if that wake-up is lost.
         last_published_at=now,
     )
-    for column in Task.__table__.columns:
-        default = column.default
-        if getattr(task, column.key) is None and default is not None and default.is_scalar:
-            setattr(task, column.key, default.arg)
+    for key, value in _SCALAR_DEFAULTS:
+        if getattr(task, key) is None:
+            setattr(task, key, value)
     return task
 
 
