@@ -109,7 +109,7 @@ def receive(
     if stored is None:
         return IntakeResult("duplicate")
     result = _route(session, settings, delivery, now)
-    session.flush()  # what routing changed through the ORM, before the rows it names
+    session.flush()  # routing's ORM changes (state transitions) are written first
     last_webhook = connection.execute(
         _RECORD_OUTCOME,
         {
