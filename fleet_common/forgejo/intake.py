@@ -35,7 +35,7 @@ from fleet_common.forgejo.models import WebhookDelivery
 from fleet_common.forgejo.sql import insert_new, table_of
 from fleet_common.settings import Settings
 from fleet_common.sweeps import Publish
-from fleet_common.tasks.models import Task, TaskStatus
+from fleet_common.tasks.models import TERMINAL, Task, TaskStatus
 
 K = EventKind
 ISSUE_KINDS = frozenset(
@@ -155,9 +155,12 @@ def _issue_event(
     if qualifying and kind in _CREATING:
         if kind == K.ISSUE_LABEL_UPDATED:
             active = issues.active_task(session, repo, issue.number)
+            latest = None if active else issues.latest_task(session, repo, issue.number)
+            if latest is not None and latest.status not in TERMINAL:
+                # A racing delivery committed the issue's task between the two reads.
+                active = issues.active_task(session, repo, issue.number)
             if active is not None:
                 return _relabel(session, settings, active, issue.labels, actor, now)
-            latest = issues.latest_task(session, repo, issue.number)
             if not issues.labelled_again(session, settings.forgejo, latest, issue.labels):
                 detail = f"issue #{issue.number}: its task {latest.id if latest else ''} is over"
                 return IntakeResult("unchanged", detail)
