@@ -4,6 +4,10 @@ error. Written by the webhook intake and the reconcile sweep, read by the API an
 Rows are upserted (``INSERT … ON CONFLICT DO UPDATE``), so two deliveries for a repository seen
 for the first time never collide on its primary key. Callers write health *last* in their
 transaction: task rows are always locked before the health row, so the two never deadlock.
+
+``last_webhook_at`` is kept to within :data:`WEBHOOK_RESOLUTION`: a delivery writes it only when
+the stored time is older than that. Otherwise every delivery for a repository would update the
+same row and hold its lock until commit, serialising all concurrent deliveries behind it.
 """
 
 from __future__ import annotations
@@ -13,13 +17,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from fleet_common.forgejo.models import IntakeHealth
+from fleet_common.forgejo.sql import insert_for
 from fleet_common.settings import Settings
 
 MAX_ERROR_CHARS = 2000
+#: How stale ``last_webhook_at`` may be (see the module docstring).
+WEBHOOK_RESOLUTION = dt.timedelta(seconds=1)
+
+_TABLE = IntakeHealth.__table__
 
 
 @dataclass(frozen=True)
@@ -38,10 +46,22 @@ def touch(session: Session, repo: str, **values: Any) -> None:
     """Set columns of ``repo``'s health row, creating the row if needed."""
     if not repo:
         return
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    statement = insert(IntakeHealth).values(repo=repo, **values)
+    statement = insert_for(session, IntakeHealth).values(repo=repo, **values)
     session.execute(statement.on_conflict_do_update(index_elements=["repo"], set_=values))
+
+
+def last_webhook_of(repo: Any) -> Any:
+    """A scalar subquery: ``repo``'s stored ``last_webhook_at`` (``NULL`` without a row), for a
+    caller to read within a statement of its own (one round trip fewer)."""
+    return select(_TABLE.c.last_webhook_at).where(_TABLE.c.repo == repo).scalar_subquery()
+
+
+def webhook_seen(session: Session, repo: str, now: dt.datetime, last: dt.datetime | None) -> None:
+    """Note a delivery for ``repo`` at ``now``, given the stored ``last`` time (a plain read,
+    see :func:`last_webhook_of`): written (which locks the row until commit) only when that is
+    :data:`WEBHOOK_RESOLUTION` older."""
+    if repo and (last is None or last < now - WEBHOOK_RESOLUTION):
+        touch(session, repo, last_webhook_at=now)
 
 
 def record_error(session: Session, repo: str, message: str, now: dt.datetime) -> None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 
-from sqlalchemy import exc
+from sqlalchemy import bindparam, update
 from sqlalchemy.orm import Session
 
 from fleet_common.db import utcnow
@@ -32,9 +32,10 @@ from fleet_common.errors import FleetError
 from fleet_common.forgejo import health, issues, prs
 from fleet_common.forgejo.events import Delivery, EventKind
 from fleet_common.forgejo.models import WebhookDelivery
+from fleet_common.forgejo.sql import insert_new, table_of
 from fleet_common.settings import Settings
 from fleet_common.sweeps import Publish
-from fleet_common.tasks.models import Task, TaskStatus
+from fleet_common.tasks.models import TERMINAL, Task, TaskStatus
 
 K = EventKind
 ISSUE_KINDS = frozenset(
@@ -53,6 +54,14 @@ PR_KINDS = frozenset(
 _CREATING = frozenset({K.ISSUE_OPENED, K.ISSUE_REOPENED, K.ISSUE_LABEL_UPDATED})
 _LABELLING = frozenset({K.ISSUE_LABEL_UPDATED, K.ISSUE_LABEL_CLEARED})
 _STOPPING = frozenset({K.ISSUE_CLOSED, *_LABELLING})
+
+_DELIVERIES = table_of(WebhookDelivery)
+_RECORD_OUTCOME = (
+    update(_DELIVERIES)
+    .where(_DELIVERIES.c.id == bindparam("stored"))
+    .values(outcome=bindparam("new_outcome"), task_id=bindparam("new_task_id"))
+    .returning(health.last_webhook_of(bindparam("health_repo")))
+)
 
 
 @dataclass
@@ -79,29 +88,41 @@ def receive(
 ) -> IntakeResult:
     """Apply one verified delivery in the caller's unit of work (see the module docstring)."""
     now = now or utcnow()
-    row = WebhookDelivery(
-        delivery_id=(delivery.delivery_id or f"sha256:{delivery.digest}")[:100],
-        digest=delivery.digest,
-        event=delivery.event[:60],
-        action=delivery.action[:60],
-        repo=delivery.repo_full_name[:300],
-        number=delivery.number,
-        outcome="",
-        received_at=now,
+    # One statement stores and dedupes (both ``delivery_id`` and ``digest`` are unique): no
+    # SAVEPOINT, no read first. A concurrent twin waits for ours to commit, then finds it.
+    connection = session.connection()
+    stored = insert_new(
+        connection,
+        WebhookDelivery,
+        {
+            "delivery_id": (delivery.delivery_id or f"sha256:{delivery.digest}")[:100],
+            "digest": delivery.digest,
+            "event": delivery.event[:60],
+            "action": delivery.action[:60],
+            "repo": delivery.repo_full_name[:300],
+            "number": delivery.number,
+            "outcome": "",
+            "task_id": None,
+            "received_at": now,
+        },
     )
-    try:
-        with session.begin_nested():
-            session.add(row)
-    except exc.IntegrityError:
+    if stored is None:
         return IntakeResult("duplicate")
     result = _route(session, settings, delivery, now)
-    row.outcome = result.summary[:200]
-    row.task_id = result.task_ids[0] if result.task_ids else None
+    session.flush()  # routing's ORM changes (state transitions) are written first
+    last_webhook = connection.execute(
+        _RECORD_OUTCOME,
+        {
+            "stored": stored,
+            "new_outcome": result.summary[:200],
+            "new_task_id": result.task_ids[0] if result.task_ids else None,
+            "health_repo": delivery.repo_full_name,
+        },
+    ).scalar_one()
     # Health last: task rows are always locked before it (see fleet_common.forgejo.health).
-    health.touch(session, delivery.repo_full_name, last_webhook_at=now)
+    health.webhook_seen(session, delivery.repo_full_name, now, last_webhook)
     if result.error:
         health.record_error(session, delivery.repo_full_name, result.error, now)
-    session.flush()
     return result
 
 
@@ -132,17 +153,18 @@ def _issue_event(
     actor = _actor(delivery)
     qualifying = issues.qualifies(settings.forgejo, issue.labels, issue.state)
     if qualifying and kind in _CREATING:
-        active = issues.active_task(session, repo, issue.number)
-        if active is not None and kind == K.ISSUE_LABEL_UPDATED:
-            return _relabel(session, settings, active, issue.labels, actor, now)
-        if active is not None:
-            return IntakeResult("exists", active.id)
-        latest = issues.latest_task(session, repo, issue.number)
-        if kind == K.ISSUE_LABEL_UPDATED and not issues.labelled_again(
-            session, settings.forgejo, latest, issue.labels
-        ):
-            detail = f"issue #{issue.number}: its task {latest.id if latest else ''} is over"
-            return IntakeResult("unchanged", detail)
+        if kind == K.ISSUE_LABEL_UPDATED:
+            active = issues.active_task(session, repo, issue.number)
+            latest = None if active else issues.latest_task(session, repo, issue.number)
+            if latest is not None and latest.status not in TERMINAL:
+                # A racing delivery committed the issue's task between the two reads.
+                active = issues.active_task(session, repo, issue.number)
+            if active is not None:
+                return _relabel(session, settings, active, issue.labels, actor, now)
+            if not issues.labelled_again(session, settings.forgejo, latest, issue.labels):
+                detail = f"issue #{issue.number}: its task {latest.id if latest else ''} is over"
+                return IntakeResult("unchanged", detail)
+        # Opened / reopened: no read first, the insert finds an active task by itself.
         opened = issues.open_task(
             session,
             settings,

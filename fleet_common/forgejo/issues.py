@@ -3,8 +3,9 @@ keeping it in step with the issue, and stopping it when the issue stops qualifyi
 
 An open issue qualifies when it carries ``[forgejo] trigger_label`` or any ``agent:`` label.
 At most one task per repository + issue is active (not terminal); the partial unique index
-``uq_tasks_active_issue`` enforces it, so :func:`open_task` creates inside a SAVEPOINT and takes
-an ``IntegrityError`` as "a concurrent delivery already created it".
+``uq_tasks_active_issue`` enforces it, so :func:`open_task` inserts with ``ON CONFLICT DO
+NOTHING`` and takes "nothing inserted" as "a concurrent delivery already created it" (no read
+first, no SAVEPOINT).
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import exc, select
-from sqlalchemy.orm import Session
+from sqlalchemy import insert, select
+from sqlalchemy.orm import Session, make_transient_to_detached
 
 from fleet_common.dispatch.routing import (
     AGENT_LABEL_PREFIX,
@@ -25,13 +26,14 @@ from fleet_common.dispatch.routing import (
     validate_capabilities,
 )
 from fleet_common.errors import FleetError, InvalidInput
-from fleet_common.forgejo import prs
+from fleet_common.forgejo import prs, writeback
 from fleet_common.forgejo.events import IssueInfo
 from fleet_common.forgejo.models import WebhookDelivery
+from fleet_common.forgejo.sql import insert_new, row_of, table_of
 from fleet_common.settings import ForgejoSettings, Settings
 from fleet_common.sweeps import Publish
 from fleet_common.tasks import service, state
-from fleet_common.tasks.models import TERMINAL, Task, TaskStatus
+from fleet_common.tasks.models import TERMINAL, Task, TaskEvent, TaskStatus
 from fleet_common.tasks.state import Reason
 
 log = logging.getLogger("fleet.forgejo")
@@ -41,6 +43,7 @@ DEFAULT_PROMPT_TEMPLATE = "{title}\n\n{body}"
 #: marker :func:`labelled_again` looks for.
 UNQUALIFIED = "unqualified"
 MAX_TITLE = 500
+_INSERT_EVENT = insert(table_of(TaskEvent))
 
 
 def qualifying_labels(forgejo: ForgejoSettings, labels: Iterable[str]) -> set[str]:
@@ -166,10 +169,9 @@ def open_task(
     actor: str,
     now: dt.datetime,
 ) -> Opened:
-    """Create the issue's task unless one is active (race-proof through the unique index)."""
-    existing = active_task(session, repo, issue.number)
-    if existing is not None:
-        return Opened("exists", existing)
+    """Create the issue's task unless one is active (race-proof through the unique index: a
+    delivery racing another one for the same issue waits for it to commit, then inserts
+    nothing and finds its task)."""
     forgejo = settings.forgejo
     data = {
         "title": (issue.title or f"{repo}#{issue.number}")[:MAX_TITLE],
@@ -188,14 +190,20 @@ def open_task(
         "source": "forgejo",
     }
     try:
-        with session.begin_nested():
-            created = service.create_task(session, settings, data, actor=actor, now=now)
-    except exc.IntegrityError:
-        # Another delivery (or reconcile) created it between our check and our insert.
-        return Opened("exists", active_task(session, repo, issue.number))
+        task = service.new_task(settings, data, now=now)
     except FleetError as error:
         return Opened("rejected", None, f"issue #{issue.number}: {error.message}")
-    return Opened("created", created.task)
+    # Task and creation event are written in Core: the event as the state machine made it.
+    event = state.record_creation(session, task, actor)
+    session.expunge(event)
+    connection = session.connection()
+    if insert_new(connection, Task, row_of(task)) is None:
+        return Opened("exists", active_task(session, repo, issue.number))
+    connection.execute(_INSERT_EVENT, row_of(event))
+    make_transient_to_detached(task)  # the row is stored: the object is now a loaded one
+    session.add(task)
+    writeback.inserted(session, [task.id])
+    return Opened("created", task)
 
 
 def wake(task: Task) -> Publish:

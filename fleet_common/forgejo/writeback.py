@@ -183,6 +183,13 @@ def watch(
     event.listen(factory, "after_soft_rollback", rolled_back)
 
 
+def inserted(session: Session, task_ids: Iterable[str]) -> None:
+    """Tell :func:`watch` about Forgejo tasks inserted without the unit of work (a Core
+    ``INSERT``, which its flush hook does not see): they are announced after commit all the
+    same."""
+    session.info.setdefault(_CHANGED, set()).update(task_ids)
+
+
 def _moved(task: Task, session: Session) -> bool:
     if task in session.new:
         return True

@@ -9,7 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import String, cast, exc, select
+from sqlalchemy import String, cast, exc, select, type_coerce
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
 from fleet_common.agents.models import Agent, DesiredState
@@ -42,6 +43,14 @@ CREATE_FIELDS = (
 )
 
 
+# (column, default) of the task columns with a constant default, which new_task() fills in.
+_SCALAR_DEFAULTS = [
+    (column.key, column.default.arg)
+    for column in Task.__table__.columns
+    if column.default is not None and column.default.is_scalar
+]
+
+
 @dataclass
 class Created:
     task: Task
@@ -70,45 +79,12 @@ def create_task(
         existing = _by_idempotency_key(session, idempotency_key)
         if existing is not None:
             return _replay(existing, request_digest)
-    orch = settings.orchestrator
-    labels = list(dict.fromkeys(data.get("labels") or []))
-    requirements = validate_capabilities(requirements_from_labels(labels), "labels")
-    if len(requirements) > orch.max_requirements:
-        raise InvalidInput(
-            f"labels: a task may require at most {orch.max_requirements} capabilities "
-            f"(orchestrator.max_requirements), got {len(requirements)}"
-        )
-    assigned = data.get("assigned_agent_id")
+    task = new_task(settings, data, now=now)
+    task.idempotency_key = idempotency_key
+    assigned = task.assigned_agent_id
     if assigned is not None:
         _live_agent(session, assigned, "assigned_agent_id")
-    task = Task(
-        id=new_id("tsk"),
-        title=data["title"],
-        prompt=data.get("prompt") or "",
-        labels=labels,
-        requirements=requirements,
-        req_key=req_key(requirements),
-        priority=data.get("priority") or 0,
-        repo=data.get("repo"),
-        clone_url=data.get("clone_url"),
-        issue_number=data.get("issue_number"),
-        requires_pr=bool(data.get("requires_pr", False)),
-        source=data.get("source") or "api",
-        max_retries=_default(data.get("max_retries"), orch.default_max_retries),
-        timeout_secs=_default(data.get("timeout_secs"), orch.task_timeout_secs),
-        assigned_agent_id=assigned,
-        status=TaskStatus.QUEUED,
-        attempt=1,
-        retry_base=0,
-        artifacts=[],
-        idempotency_key=idempotency_key,
-        request_digest=request_digest,
-        created_at=now,
-        updated_at=now,
-        # The caller wakes a worker after commit; the relay re-sends if that wake-up is lost.
-        last_published_at=now,
-    )
-    warnings = capability_warnings(session, requirements, assigned)
+    warnings = capability_warnings(session, task.requirements, assigned)
     if idempotency_key is None:
         session.add(task)
         state.record_creation(session, task, actor)
@@ -125,6 +101,49 @@ def create_task(
             raise
         return _replay(existing, request_digest)
     return Created(task, warnings)
+
+
+def new_task(settings: Settings, data: dict[str, Any], *, now: dt.datetime) -> Task:
+    """The queued task ``data`` describes (validated; not yet added to any session), with every
+    column set, defaults included. Raises InvalidInput."""
+    orch = settings.orchestrator
+    labels = list(dict.fromkeys(data.get("labels") or []))
+    requirements = validate_capabilities(requirements_from_labels(labels), "labels")
+    if len(requirements) > orch.max_requirements:
+        raise InvalidInput(
+            f"labels: a task may require at most {orch.max_requirements} capabilities "
+            f"(orchestrator.max_requirements), got {len(requirements)}"
+        )
+    task = Task(
+        id=new_id("tsk"),
+        title=data["title"],
+        prompt=data.get("prompt") or "",
+        labels=labels,
+        requirements=requirements,
+        req_key=req_key(requirements),
+        priority=data.get("priority") or 0,
+        repo=data.get("repo"),
+        clone_url=data.get("clone_url"),
+        issue_number=data.get("issue_number"),
+        requires_pr=bool(data.get("requires_pr", False)),
+        source=data.get("source") or "api",
+        max_retries=_default(data.get("max_retries"), orch.default_max_retries),
+        timeout_secs=_default(data.get("timeout_secs"), orch.task_timeout_secs),
+        assigned_agent_id=data.get("assigned_agent_id"),
+        status=TaskStatus.QUEUED,
+        attempt=1,
+        retry_base=0,
+        artifacts=[],
+        request_digest=_digest(data),
+        created_at=now,
+        updated_at=now,
+        # The caller wakes a worker after commit; the relay re-sends if that wake-up is lost.
+        last_published_at=now,
+    )
+    for key, value in _SCALAR_DEFAULTS:
+        if getattr(task, key) is None:
+            setattr(task, key, value)
+    return task
 
 
 def _default(value: int | None, default: int) -> int:
@@ -154,13 +173,24 @@ def _live_agent(session: Session, agent_id: str, field_name: str) -> Agent:
 def capability_warnings(
     session: Session, requirements: Sequence[str], assigned: str | None
 ) -> list[str]:
-    """Warn when no known agent could ever run a task with these requirements."""
+    """Warn when no known agent could ever run a task with these requirements.
+
+    One query that stops at the first capable agent: without requirements any live agent will
+    do; on PostgreSQL the JSONB containment (``@>``) is checked in the database; SQLite reads
+    the candidates' capabilities."""
     query = select(Agent.capabilities).where(
         Agent.deleted_at.is_(None), Agent.desired_state != DesiredState.DISABLED
     )
     if assigned is not None:
         query = query.where(Agent.id == assigned)
-    if any(can_serve(caps, requirements) for caps in session.scalars(query)):
+    if not requirements:
+        capable = session.scalars(query.limit(1)).first() is not None
+    elif session.get_bind().dialect.name == "postgresql":
+        query = query.where(type_coerce(Agent.capabilities, JSONB).contains(list(requirements)))
+        capable = session.scalars(query.limit(1)).first() is not None
+    else:
+        capable = any(can_serve(caps, requirements) for caps in session.scalars(query))
+    if capable:
         return []
     needed = ", ".join(requirements) or "none"
     return [

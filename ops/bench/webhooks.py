@@ -31,6 +31,7 @@ import http.client
 import json
 import multiprocessing
 import os
+import resource
 import signal
 import socket
 import statistics
@@ -42,7 +43,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))
@@ -91,6 +92,19 @@ def group_cpu(pgid: int) -> float:
             group, seconds = _cpu(int(entry.name))
             total += seconds if group == pgid else 0.0
     return total
+
+
+def clients_cpu() -> float:
+    """CPU seconds of this process's reaped children so far (the client processes, once
+    joined)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def machine_busy() -> float:
+    """CPU seconds the whole machine has spent busy (not idle or waiting on I/O) since boot."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def backends_cpu(database_url: str) -> float:
@@ -232,6 +246,16 @@ def delivery(template: dict[str, Any], number: int) -> tuple[dict[str, str], byt
 Result = tuple[int, float, float, float, int, int]  # number, scheduled, sent, answered, status, n
 
 
+class Cpu(NamedTuple):
+    """CPU seconds spent during the measured run."""
+
+    api: float  # gunicorn and its workers
+    postgres: float  # the backends connected to the benchmark's database
+    clients: float  # the client processes sending the deliveries
+    machine: float  # everything on the machine (other work included)
+    wall: float  # the window these were measured over
+
+
 def client_process(
     port: int, numbers: list[int], first: int, start: float, rate: float, threads: int, out: Any
 ) -> None:
@@ -341,10 +365,23 @@ def main() -> int:
         log(f"fleet api on :{port} ({args.workers} workers); warming up")
         send_all(port, 1, WARM_UP, 50.0, 1, 2)
         log(f"sending {count} deliveries at {args.rate:g}/s from {args.clients}x{args.threads}")
-        api_cpu, pg_cpu = group_cpu(pgid), backends_cpu(database_url)
+        before = (
+            group_cpu(pgid),
+            backends_cpu(database_url),
+            clients_cpu(),
+            machine_busy(),
+            time.monotonic(),
+        )
         results = send_all(port, WARM_UP + 1, count, args.rate, args.clients, args.threads)
         time.sleep(1.0)
-        cpu = (group_cpu(pgid) - api_cpu, backends_cpu(database_url) - pg_cpu)
+        after = (
+            group_cpu(pgid),
+            backends_cpu(database_url),
+            clients_cpu(),
+            machine_busy(),
+            time.monotonic(),
+        )
+        cpu = Cpu(*(b - a for a, b in zip(before, after, strict=True)))
         counts = tasks_per_issue(database_url)
     return report(args, results, counts, cpu)
 
@@ -353,7 +390,7 @@ def report(
     args: argparse.Namespace,
     results: list[Result],
     counts: dict[int, int],
-    cpu: tuple[float, float],
+    cpu: Cpu,
 ) -> int:
     sent = sorted(results)
     numbers = [r[0] for r in sent]
@@ -386,12 +423,18 @@ def report(
         f"p99 {pct(from_schedule_ms, 99):.1f} ms (client lateness p99 {pct(late_ms, 99):.1f} ms)"
     )
     print(f"  answers other than 202: {not_202}")
-    api_ms, pg_ms = (seconds / len(sent) * 1000 for seconds in cpu)
+    api_ms, pg_ms, clients_ms, machine_ms = (s / len(sent) * 1000 for s in cpu[:4])
     load, cpus = os.getloadavg()[0], os.cpu_count() or 1
     ceiling = cpus * 1000 / max(api_ms + pg_ms, 1e-6)
     print(
         f"  CPU per delivery: API {api_ms:.1f} ms + PostgreSQL backends {pg_ms:.1f} ms; "
         f"{cpus} CPUs carry at most ~{ceiling:.0f}/s of that (load average now {load:.1f})"
+    )
+    other_ms = machine_ms - api_ms - pg_ms - clients_ms
+    print(
+        f"  the rest of the machine per delivery: clients {clients_ms:.1f} ms, other work "
+        f"{max(other_ms, 0.0):.1f} ms (the clients include preparing and signing the payloads); "
+        f"machine busy {cpu.machine / cpu.wall / cpus * 100:.0f}% of {cpus} CPUs over the run"
     )
     print(f"  tasks: lost {len(lost)}, duplicated {len(duplicated)} (checked in the database)")
     checks = [

@@ -56,3 +56,25 @@ def test_submit_dequeue_complete(client: Any, admin_token: str) -> None:
     assert listing.status_code == 200
     assert [t["id"] for t in listing.get_json()] == [task["id"]]
     assert '"total": 1' in listing.headers["X-Pagination"]
+
+
+def test_capability_warning_only_when_no_live_agent_can_serve(
+    client: Any, admin_token: str
+) -> None:
+    api = Api(client, admin_token)
+
+    def warnings(labels: list[str], **extra: Any) -> list[str]:
+        created = api.post("/tasks", json={"title": "t", "labels": labels, **extra})
+        assert created.status_code == 201, created.get_json()
+        return list(created.get_json()["warnings"])
+
+    assert warnings([])  # no agent at all
+    first = api.register("a1", ["code:python", "tests"])["agent"]["id"]
+    api.register("a2", ["code:go"])
+    assert warnings([]) == []
+    assert warnings(["agent:code:python", "agent:tests"]) == []
+    assert warnings(["agent:code:go"]) == []
+    assert warnings(["agent:code:python", "agent:code:go"])  # no single agent has both
+    assert warnings(["agent:code:go"], assigned_agent_id=first)  # not the assigned one
+    assert api.patch(f"/agents/{first}", json={"desired_state": "disabled"}).status_code == 200
+    assert warnings(["agent:code:python"])  # its only server is disabled

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 from fleet_common.db import utcnow
+from fleet_common.forgejo import health, intake
 from fleet_common.forgejo.client import ForgejoClient
+from fleet_common.forgejo.events import parse_delivery
+from fleet_common.forgejo.models import IntakeHealth
 from fleet_common.forgejo.reconcile import reconcile
 from fleet_common.settings import Settings
 from tests.api_helpers import assert_error
@@ -56,3 +61,26 @@ def test_intake_health_is_for_admins(forge: Forge) -> None:
     assert_error(forge.api.get("/intake/health", token=""), 401)
     agent = forge.agent()
     assert_error(forge.api.get("/intake/health", token=agent), 403)
+
+
+def test_last_webhook_is_written_at_most_once_per_resolution(
+    forge: Forge, settings: Settings
+) -> None:
+    """Deliveries for one repository do not all update its health row (a row lock each, held to
+    commit, would serialise them): the stored time is kept to within WEBHOOK_RESOLUTION."""
+    start = utcnow()
+
+    def deliver(at: dt.datetime) -> dt.datetime | None:
+        number = forge.fake.add_issue(forge.repo, "Health", labels=("fleet",))
+        headers, body = forge.fake.delivery("issues", "opened", repo=forge.repo, number=number)
+        with forge.db.session() as session:
+            assert intake.receive(session, settings, parse_delivery(headers, body), now=at)
+        with forge.db.session() as session:
+            return session.get(IntakeHealth, forge.repo).last_webhook_at  # type: ignore[union-attr]
+
+    assert deliver(start) == start  # the first one creates the row
+    half = health.WEBHOOK_RESOLUTION / 2
+    assert deliver(start + half) == start  # within the resolution: not written
+    later = start + 2 * health.WEBHOOK_RESOLUTION
+    assert deliver(later) == later
+    assert deliver(start + half) == later  # never moves back
