@@ -85,7 +85,12 @@ def normalise_url(url: str) -> str:
 
 def make_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Engine:
     """Build the process's engine: WAL + busy timeout + foreign keys on SQLite; fast failure
-    on PostgreSQL (short connect timeout, pre-ping so a restarted server is reconnected)."""
+    on PostgreSQL (short connect timeout).
+
+    No ``pool_pre_ping``: it costs a round trip on every checkout. A connection the server
+    dropped fails its first statement instead; SQLAlchemy then invalidates the whole pool
+    (every connection checked out before the failure is replaced), the request answers 503
+    (:class:`DatabaseUnavailable`) and the next ones reconnect."""
     url = normalise_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -101,7 +106,6 @@ def make_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Engine:
         echo=echo,
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,
         pool_timeout=2,
         pool_recycle=1800,
         connect_args={"connect_timeout": 2, "options": "-c statement_timeout=15000"},
