@@ -74,13 +74,22 @@ def _bearer() -> str:
     return value.strip()
 
 
-def _run(view: Callable[..., Any], who: str | None, args: Any, kwargs: Any) -> Any:
+Authenticate = Callable[[Session, str], Principal]
+
+
+def _run(
+    view: Callable[..., Any],
+    who: str | None,
+    authenticate: Authenticate,
+    args: Any,
+    kwargs: Any,
+) -> Any:
     ctx = fleet()
     g.after_commit = []
     with ctx.db.session() as s:
         g.session = s
         if who is not None:
-            g.principal = auth.authenticate(s, _bearer())
+            g.principal = authenticate(s, _bearer())
             if who == "admin" and not g.principal.is_admin:
                 raise Forbidden("this endpoint needs an admin token")
             if who == "agent" and g.principal.is_admin:
@@ -91,11 +100,11 @@ def _run(view: Callable[..., Any], who: str | None, args: Any, kwargs: Any) -> A
     return result
 
 
-def _guard(who: str | None) -> Callable[[F], F]:
+def _guard(who: str | None, authenticate: Authenticate = auth.authenticate) -> Callable[[F], F]:
     def decorate(view: F) -> F:
         @functools.wraps(view)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            return _run(view, who, args, kwargs)
+            return _run(view, who, authenticate, args, kwargs)
 
         return cast(F, wrapper)
 
@@ -106,3 +115,9 @@ admin = _guard("admin")
 agent = _guard("agent")
 any_token = _guard("any")
 public = _guard(None)
+
+
+def agent_via(authenticate: Authenticate) -> Callable[[F], F]:
+    """:func:`agent`, authenticating with ``authenticate`` (which may do the request's
+    first write in the same statement, and return a Principal carrying its result)."""
+    return _guard("agent", authenticate)

@@ -84,7 +84,7 @@ def _cancel_held(
         tasks.cancel_task(session, task.id, actor=actor, now=now)
 
 
-def _deliverable(agent_id: Any, now: dt.datetime, redeliver_before: dt.datetime | None) -> Any:
+def _deliverable(agent_id: Any, now: Any, redeliver_before: dt.datetime | None) -> Any:
     condition = (
         (Command.agent_id == agent_id)
         & (Command.status == CommandStatus.PENDING)
@@ -95,8 +95,9 @@ def _deliverable(agent_id: Any, now: dt.datetime, redeliver_before: dt.datetime 
     return condition
 
 
-def pending_exists(agent_id: Any, now: dt.datetime) -> Any:
-    """An EXISTS expression: does ``agent_id`` (a value) have pending commands?"""
+def pending_exists(agent_id: Any, now: Any) -> Any:
+    """An EXISTS expression: does ``agent_id`` (a value or a scalar subquery) have pending
+    commands at ``now`` (a datetime or a bind parameter)?"""
     return exists().where(_deliverable(agent_id, now, None)).label("has_pending")
 
 
