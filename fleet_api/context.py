@@ -81,12 +81,13 @@ def _run(
     view: Callable[..., Any],
     who: str | None,
     authenticate: Authenticate,
+    single: Callable[[], bool] | None,
     args: Any,
     kwargs: Any,
 ) -> Any:
     ctx = fleet()
     g.after_commit = []
-    with ctx.db.session() as s:
+    with ctx.db.session(autocommit=single is not None and single()) as s:
         g.session = s
         if who is not None:
             g.principal = authenticate(s, _bearer())
@@ -100,11 +101,15 @@ def _run(
     return result
 
 
-def _guard(who: str | None, authenticate: Authenticate = auth.authenticate) -> Callable[[F], F]:
+def _guard(
+    who: str | None,
+    authenticate: Authenticate = auth.authenticate,
+    single: Callable[[], bool] | None = None,
+) -> Callable[[F], F]:
     def decorate(view: F) -> F:
         @functools.wraps(view)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            return _run(view, who, authenticate, args, kwargs)
+            return _run(view, who, authenticate, single, args, kwargs)
 
         return cast(F, wrapper)
 
@@ -117,7 +122,11 @@ any_token = _guard("any")
 public = _guard(None)
 
 
-def agent_via(authenticate: Authenticate) -> Callable[[F], F]:
+def agent_via(
+    authenticate: Authenticate, *, single: Callable[[], bool] | None = None
+) -> Callable[[F], F]:
     """:func:`agent`, authenticating with ``authenticate`` (which may do the request's
-    first write in the same statement, and return a Principal carrying its result)."""
-    return _guard("agent", authenticate)
+    first write in the same statement, and return a Principal carrying its result).
+    ``single``: true for a request whose every statement is atomic and correct on its own,
+    whatever the outcome (see ``Database.session(autocommit=True)``)."""
+    return _guard("agent", authenticate, single)

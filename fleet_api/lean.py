@@ -79,10 +79,18 @@ def reply(data: Any, status: int = 200) -> Response:
     return cast(Response, response)
 
 
-def arguments(blp: Blueprint, schema: type[ma.Schema]) -> Callable[[F], F]:
-    """``blp.arguments(schema)`` (JSON body), except that a body whose every field is absent or
-    equal, value and type, to what loading ``{}`` gives is not parsed: the view gets that."""
+def at_defaults(schema: type[ma.Schema]) -> Callable[[], bool]:
+    """Whether the request's JSON body has every field of ``schema`` absent or equal, value
+    and type, to what loading ``{}`` gives (so loading it would give that, and cannot fail)."""
     defaults = schema().load({})
+    return lambda: request.is_json and _at_defaults(request.get_json(silent=True), defaults)
+
+
+def arguments(blp: Blueprint, schema: type[ma.Schema]) -> Callable[[F], F]:
+    """``blp.arguments(schema)`` (JSON body), except that a body :func:`at_defaults` is not
+    parsed: the view gets what loading it would give."""
+    defaults = schema().load({})
+    common = at_defaults(schema)
 
     def decorate(func: F) -> F:
         parsed = blp.arguments(schema)(func)
@@ -90,7 +98,7 @@ def arguments(blp: Blueprint, schema: type[ma.Schema]) -> Callable[[F], F]:
 
         @functools.wraps(parsed)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            if request.is_json and _at_defaults(request.get_json(silent=True), defaults):
+            if common():
                 return view(*args, _fresh(defaults), **kwargs)
             return parsed(*args, **kwargs)
 

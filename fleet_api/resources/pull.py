@@ -19,7 +19,7 @@ from fleet_api.resources.common import InSchema, OutSchema
 from fleet_api.resources.tasks import TaskSchema
 from fleet_common.auth.service import Acting
 from fleet_common.db import utcnow
-from fleet_common.dispatch.claim import Claim, authenticate_locked, claim_next
+from fleet_common.dispatch.claim import Claim, authenticate_locked, claim_for_reply
 from fleet_common.tasks import lease, logs
 from fleet_common.tasks.state import ATTEMPT_REASONS
 
@@ -106,10 +106,10 @@ class FailSchema(InSchema):
     )
 
 
-def _claim_once(locked: Any) -> Claim | None:
+def _claim_once(locked: Any) -> Claim[Any] | None:
     ctx = context.fleet()
     agent_id = context.principal().agent_id or ""
-    return claim_next(context.session(), ctx.settings.orchestrator, agent_id, locked=locked)
+    return claim_for_reply(context.session(), ctx.settings.orchestrator, agent_id, locked=locked)
 
 
 @blp.route("/tasks/dequeue")

@@ -17,7 +17,7 @@ from fleet_common.auth import audit
 from fleet_common.auth import service as auth
 from fleet_common.auth.models import Token, TokenKind
 from fleet_common.auth.service import NOW, Principal
-from fleet_common.db import page_of, utcnow
+from fleet_common.db import Prebuilt, page_of, utcnow
 from fleet_common.dispatch.routing import validate_capabilities
 from fleet_common.errors import InvalidInput, NotFound, StaleLease
 from fleet_common.ids import new_id
@@ -201,11 +201,11 @@ def _touch_statement(agent_id: Any) -> Any:
 
 # Built once (statements are the hot path's main cost): by agent id, and by the caller's
 # token, which authenticates and marks online in one statement.
-_TOUCH_BY_ID = _touch_statement(bindparam("agent_id"))
-_TOUCH_BY_TOKEN = _touch_statement(auth.live_agent_token(Token.agent_id)).returning(
-    *auth.token_columns()
+_TOUCH_BY_ID = Prebuilt(_touch_statement(bindparam("agent_id")))
+_TOUCH_BY_TOKEN = Prebuilt(
+    _touch_statement(auth.live_agent_token(Token.agent_id)).returning(*auth.token_columns())
 )
-_SET_METADATA = (
+_SET_METADATA = Prebuilt(
     update(Agent)
     .where(Agent.id == bindparam("agent_id"))
     .values(meta=bindparam("meta", type_=Agent.meta.type), updated_at=NOW)
@@ -235,7 +235,7 @@ def heartbeat(
     whether any command is waiting, so an idle agent's heartbeat costs a single round trip."""
     now = now or utcnow()
     session.flush()  # Core statements follow
-    row = session.connection().execute(_TOUCH_BY_ID, {"agent_id": agent_id, "now": now}).first()
+    row = _TOUCH_BY_ID.execute(session, {"agent_id": agent_id, "now": now}).first()
     if row is None:
         raise NotFound(f"no agent {agent_id}")
     return heartbeat_online(
@@ -259,7 +259,7 @@ def heartbeat_online(
     if metadata:
         merged = {**(agent.meta or {}), **_metadata(metadata)}
         params = {"agent_id": agent.id, "meta": merged, "now": now}
-        agent = session.connection().execute(_SET_METADATA, params).one()
+        agent = _SET_METADATA.execute(session, params).one()
     reply = HeartbeatReply(agent)
     if presented:
         _renew_presented(session, settings, agent.id, presented, reply, now)

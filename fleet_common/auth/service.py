@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from fleet_common.auth import audit, tokens
 from fleet_common.auth.models import Token, TokenKind
-from fleet_common.db import UTCDateTime, page_of, utcnow
+from fleet_common.db import Prebuilt, UTCDateTime, page_of, utcnow
 from fleet_common.errors import InvalidInput, NotFound, Unauthorized
 from fleet_common.ids import new_id
 
@@ -100,16 +100,18 @@ def revoke_agent_tokens(session: Session, agent_id: str, *, actor: str, now: dt.
 # (no ORM load, no per-request statement building) and no cache (revocation is immediate).
 DIGEST: BindParameter[str] = bindparam("digest", type_=String())
 NOW = bindparam("now", type_=UTCDateTime())
-_BY_DIGEST = select(
-    Token.id,
-    Token.kind,
-    Token.agent_id,
-    Token.digest,
-    Token.revoked_at,
-    Token.expires_at,
-    Token.last_used_at,
-).where(Token.digest == DIGEST)
-_MARK_USED = (
+_BY_DIGEST = Prebuilt(
+    select(
+        Token.id,
+        Token.kind,
+        Token.agent_id,
+        Token.digest,
+        Token.revoked_at,
+        Token.expires_at,
+        Token.last_used_at,
+    ).where(Token.digest == DIGEST)
+)
+_MARK_USED = Prebuilt(
     update(Token)
     .where(Token.id == bindparam("token_id"))
     .values(last_used_at=bindparam("used", type_=UTCDateTime()))
@@ -132,7 +134,7 @@ def note_use(
 ) -> None:
     """Record the token's use, at most once per LAST_USED_RESOLUTION."""
     if last_used_at is None or now - last_used_at > LAST_USED_RESOLUTION:
-        session.connection().execute(_MARK_USED, {"token_id": token_id, "used": now})
+        _MARK_USED.execute(session, {"token_id": token_id, "used": now})
 
 
 def find_live(
@@ -142,7 +144,7 @@ def find_live(
     message for every case)."""
     now = now or utcnow()
     session.flush()  # a Core statement: make the session's pending changes visible to it
-    found = session.connection().execute(_BY_DIGEST, {"digest": tokens.digest(secret)}).first()
+    found = _BY_DIGEST.execute(session, {"digest": tokens.digest(secret)}).first()
     if (
         found is None
         or found.kind != kind
@@ -162,7 +164,7 @@ class Acting(Principal):
     row: Any = None
 
 
-def authenticate_acting(session: Session, secret: str, statement: Any) -> Principal:
+def authenticate_acting(session: Session, secret: str, statement: Prebuilt) -> Principal:
     """Authenticate and act on the caller's agent in one statement: ``statement`` (built with
     :func:`live_agent_token`, parameters ``digest`` and ``now``) returns the agent's row with
     ``token_id`` and ``token_used_at``, or nothing. Nothing, or an admin token, takes the usual
@@ -172,7 +174,7 @@ def authenticate_acting(session: Session, secret: str, statement: Any) -> Princi
         return authenticate(session, secret)
     now = utcnow()
     params = {"digest": tokens.digest(secret), "now": now}
-    row = session.connection().execute(statement, params).first()
+    row = statement.execute(session, params).first()
     if row is None:
         who = authenticate(session, secret, now=now)  # Unauthorized unless the token is live
         raise NotFound(f"no agent {who.agent_id}")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy import TextualSelect, bindparam, func, select, text
 from sqlalchemy.orm import Session
@@ -28,16 +28,18 @@ from fleet_common.auth import service as auth
 from fleet_common.auth import tokens
 from fleet_common.auth.models import Token
 from fleet_common.auth.service import Principal
-from fleet_common.db import utcnow
+from fleet_common.db import Prebuilt, utcnow
 from fleet_common.dispatch.routing import servable_keys
 from fleet_common.settings import OrchestratorSettings
 from fleet_common.tasks import state
 from fleet_common.tasks.models import ACTIVE, Task, TaskStatus
 
+T = TypeVar("T")
+
 
 @dataclass(frozen=True)
-class Claim:
-    task: Task
+class Claim(Generic[T]):
+    task: T
     lease_token: str
     expires_at: dt.datetime
 
@@ -120,6 +122,9 @@ picked AS (
         ORDER BY c.priority DESC, c.created_at, c.id LIMIT 1)
 )"""  # noqa: S608
 )
+# The same, loading the claimed task into the session (built once, like every hot statement).
+_PG_CLAIM_ORM = select(Task).from_statement(_PG_CLAIM).execution_options(populate_existing=True)
+_PG_WALK_ORM = select(Task).from_statement(_PG_WALK).execution_options(populate_existing=True)
 # Heads looked at per claim: enough to get past the rows concurrent claimers hold.
 _HEADS_PER_CLAIM = 32
 
@@ -133,8 +138,10 @@ _AGENT_COLUMNS = (
     Agent.desired_state,
     Agent.deleted_at,
 )
-_LOCK_AGENT = select(*_AGENT_COLUMNS).where(Agent.id == bindparam("agent_id")).with_for_update()
-_LOCK_BY_TOKEN = (
+_LOCK_AGENT = Prebuilt(
+    select(*_AGENT_COLUMNS).where(Agent.id == bindparam("agent_id")).with_for_update()
+)
+_LOCK_BY_TOKEN = Prebuilt(
     select(*_AGENT_COLUMNS, *auth.token_columns())
     .where(Agent.id == auth.live_agent_token(Token.agent_id))
     .with_for_update(of=Agent)
@@ -169,15 +176,36 @@ def claim_next(
     *,
     now: dt.datetime | None = None,
     locked: Any = None,
-) -> Claim | None:
+) -> Claim[Task] | None:
     """Claim the best eligible task for ``agent_id`` (queued → dispatched), or None. The task
     is returned loaded in ``session`` (the caller may go on changing it there). ``locked``:
     the agent's row if this transaction already locked it (:func:`authenticate_locked`)."""
+    return _claim(session, settings, agent_id, now, locked, orm=True)
+
+
+def claim_for_reply(
+    session: Session, settings: OrchestratorSettings, agent_id: str, *, locked: Any = None
+) -> Claim[Any] | None:
+    """:func:`claim_next` for a caller that only reads the claimed task (the dequeue
+    endpoint): on PostgreSQL the task comes back as a row of its columns, not loaded into the
+    session."""
+    return _claim(session, settings, agent_id, None, locked, orm=False)
+
+
+def _claim(
+    session: Session,
+    settings: OrchestratorSettings,
+    agent_id: str,
+    now: dt.datetime | None,
+    locked: Any,
+    *,
+    orm: bool,
+) -> Claim[Any] | None:
     state.check_move(TaskStatus.QUEUED, TaskStatus.DISPATCHED)
     session.flush()  # Core statements follow
     agent = locked
     if agent is None or agent.id != agent_id:
-        agent = session.connection().execute(_LOCK_AGENT, {"agent_id": agent_id}).first()
+        agent = _LOCK_AGENT.execute(session, {"agent_id": agent_id}).first()
     if agent is None or not is_eligible(agent):
         return None
     # Read the clock once the agent's lock is ours: a claim never predates what it claims.
@@ -193,45 +221,38 @@ def claim_next(
     # dead worker could not.
     grace = min(settings.lease_secs, 30)
     if session.get_bind().dialect.name == "postgresql":
-        task = _claim_pg(session, agent, keys, now, lease, expires, actor, changes, grace)
+        params = {
+            "keys": keys,
+            "agent_id": agent.id,
+            "now": now,
+            "capacity": agent.max_concurrency,
+            "depth": max(1, _HEADS_PER_CLAIM // (len(keys) + 1)),
+            "from_status": TaskStatus.QUEUED.value,
+            "to_status": TaskStatus.DISPATCHED.value,
+            "actor": actor,
+            # Without the attempt, which the statement adds from the row.
+            "data": json.dumps(state.event_data(changes, {"mode": agent.mode})),
+            "lease_digest": tokens.digest(lease),
+            "expires_at": expires,
+            "grace": grace,
+        }
+        task = _claim_pg(session, params, orm=orm)
     else:
         task = _claim_simple(session, agent, keys, now, lease, expires, actor, changes, grace)
     return None if task is None else Claim(task=task, lease_token=lease, expires_at=expires)
 
 
-def _claim_pg(
-    session: Session,
-    agent: Any,
-    keys: list[str],
-    now: dt.datetime,
-    lease: str,
-    expires: dt.datetime,
-    actor: str,
-    changes: dict[str, Any],
-    grace: int,
-) -> Task | None:
-    params = {
-        "keys": keys,
-        "agent_id": agent.id,
-        "now": now,
-        "capacity": agent.max_concurrency,
-        "depth": max(1, _HEADS_PER_CLAIM // (len(keys) + 1)),
-        "from_status": TaskStatus.QUEUED.value,
-        "to_status": TaskStatus.DISPATCHED.value,
-        "actor": actor,
-        # Without the attempt, which the statement adds from the row.
-        "data": json.dumps(state.event_data(changes, {"mode": agent.mode})),
-        "lease_digest": tokens.digest(lease),
-        "expires_at": expires,
-        "grace": grace,
-    }
-    for statement in (_PG_CLAIM, _PG_WALK):
-        query = select(Task).from_statement(statement).execution_options(populate_existing=True)
-        task = session.scalars(query, params).first()
+def _claim_pg(session: Session, params: dict[str, Any], *, orm: bool) -> Any:
+    """The claimed task (an ORM object if ``orm``, else a row), or None."""
+    statements = (_PG_CLAIM_ORM, _PG_WALK_ORM) if orm else (_PG_CLAIM, _PG_WALK)
+    for statement in statements:
+        if orm:
+            task = session.scalars(statement, params).first()
+        else:
+            task = session.connection().execute(statement, params).first()
         if task is not None:
             return task
-        if statement is _PG_CLAIM and params["depth"] > 1:
-            params["depth"] = 1  # the walk stops at each queue's first free row
+        params["depth"] = 1  # the walk stops at each queue's first free row
     return None
 
 
