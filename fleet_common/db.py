@@ -32,6 +32,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect, make_url
+from sqlalchemy.engine.interfaces import BindTyping
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
@@ -174,6 +175,7 @@ class Prebuilt:
     def _build(self, dialect: Dialect) -> Any:
         factory: Any = type(dialect)
         named = factory(paramstyle="named")  # ":name" placeholders, as text() takes
+        named.bind_typing = BindTyping.NONE  # the casts are added when the text is compiled
         compiled = self.statement.compile(dialect=named)
         if compiled.post_compile_params or compiled.literal_execute_params:
             raise ValueError("Prebuilt: expanding or literal parameters are not supported")
