@@ -88,14 +88,17 @@ def normalise_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Engine:
+def make_engine(
+    url: str, *, pool_size: int = 10, echo: bool = False, autocommit: bool = False
+) -> Engine:
     """Build the process's engine: WAL + busy timeout + foreign keys on SQLite; fast failure
     on PostgreSQL (short connect timeout).
 
     No ``pool_pre_ping``: it costs a round trip on every checkout. A connection the server
     dropped fails its first statement instead; SQLAlchemy then invalidates the whole pool
     (every connection checked out before the failure is replaced), the request answers 503
-    (:class:`DatabaseUnavailable`) and the next ones reconnect."""
+    (:class:`DatabaseUnavailable`) and the next ones reconnect. ``autocommit`` (PostgreSQL):
+    connections that run each statement in its own transaction."""
     url = normalise_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -114,6 +117,7 @@ def make_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Engine:
         pool_timeout=2,
         pool_recycle=1800,
         connect_args={"connect_timeout": 2, "options": "-c statement_timeout=15000"},
+        **({"isolation_level": "AUTOCOMMIT"} if autocommit else {}),
     )
 
 
@@ -198,12 +202,15 @@ class Database:
         self.engine = make_engine(self.url, pool_size=pool_size, echo=echo)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         # For work made of statements each atomic on its own: on PostgreSQL they run without
-        # a transaction (no BEGIN and COMMIT round trips); SQLite keeps its usual path.
-        self._autocommit = (
-            self.engine.execution_options(isolation_level="AUTOCOMMIT")
-            if self.engine.dialect.name == "postgresql"
-            else self.engine
-        )
+        # a transaction (no BEGIN and COMMIT round trips), on connections of their own (so no
+        # connection switches its isolation level at every checkout); SQLite keeps its path.
+        self._autocommit_engine: Engine | None = None
+        self._autocommit = self.sessions
+        if self.engine.dialect.name == "postgresql":
+            self._autocommit_engine = make_engine(
+                self.url, pool_size=pool_size, echo=echo, autocommit=True
+            )
+            self._autocommit = sessionmaker(self._autocommit_engine, expire_on_commit=False)
 
     @property
     def dialect(self) -> str:
@@ -214,7 +221,7 @@ class Database:
         """A unit of work: commit on success, roll back on any error. ``autocommit``: the
         caller promises statements that are each atomic and correct on their own (nothing to
         roll back), so PostgreSQL runs each in its own transaction without BEGIN/COMMIT."""
-        session = self.sessions(bind=self._autocommit) if autocommit else self.sessions()
+        session = self._autocommit() if autocommit else self.sessions()
         try:
             yield session
             session.commit()
@@ -236,6 +243,8 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        if self._autocommit_engine is not None:
+            self._autocommit_engine.dispose()
 
 
 def _is_disconnect(error: exc.DBAPIError) -> bool:
