@@ -74,13 +74,23 @@ def _bearer() -> str:
     return value.strip()
 
 
-def _run(view: Callable[..., Any], who: str | None, args: Any, kwargs: Any) -> Any:
+Authenticate = Callable[[Session, str], Principal]
+
+
+def _run(
+    view: Callable[..., Any],
+    who: str | None,
+    authenticate: Authenticate,
+    single: Callable[[], bool] | None,
+    args: Any,
+    kwargs: Any,
+) -> Any:
     ctx = fleet()
     g.after_commit = []
-    with ctx.db.session() as s:
+    with ctx.db.session(autocommit=single is not None and single()) as s:
         g.session = s
         if who is not None:
-            g.principal = auth.authenticate(s, _bearer())
+            g.principal = authenticate(s, _bearer())
             if who == "admin" and not g.principal.is_admin:
                 raise Forbidden("this endpoint needs an admin token")
             if who == "agent" and g.principal.is_admin:
@@ -91,11 +101,15 @@ def _run(view: Callable[..., Any], who: str | None, args: Any, kwargs: Any) -> A
     return result
 
 
-def _guard(who: str | None) -> Callable[[F], F]:
+def _guard(
+    who: str | None,
+    authenticate: Authenticate = auth.authenticate,
+    single: Callable[[], bool] | None = None,
+) -> Callable[[F], F]:
     def decorate(view: F) -> F:
         @functools.wraps(view)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            return _run(view, who, args, kwargs)
+            return _run(view, who, authenticate, single, args, kwargs)
 
         return cast(F, wrapper)
 
@@ -106,3 +120,13 @@ admin = _guard("admin")
 agent = _guard("agent")
 any_token = _guard("any")
 public = _guard(None)
+
+
+def agent_via(
+    authenticate: Authenticate, *, single: Callable[[], bool] | None = None
+) -> Callable[[F], F]:
+    """:func:`agent`, authenticating with ``authenticate`` (which may do the request's
+    first write in the same statement, and return a Principal carrying its result).
+    ``single``: true for a request whose every statement is atomic and correct on its own,
+    whatever the outcome (see ``Database.session(autocommit=True)``)."""
+    return _guard("agent", authenticate, single)

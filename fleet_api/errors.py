@@ -15,9 +15,12 @@ from sqlalchemy import exc as sa_exc
 from werkzeug.exceptions import HTTPException, InternalServerError, ServiceUnavailable
 from werkzeug.http import HTTP_STATUS_CODES
 
-from fleet_common.errors import FleetError
+from fleet_common.errors import DatabaseUnavailable, FleetError
 
 log = logging.getLogger("fleet.api")
+
+# How long a client should wait before retrying when the database is unavailable.
+RETRY_AFTER = {"Retry-After": "2"}
 
 
 class ErrorSchema(ma.Schema):
@@ -74,9 +77,9 @@ class FleetApi(Api):
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(FleetError)
     def _domain(error: FleetError) -> Any:
-        return _payload(
-            error.status, error.message, reason=error.reason, **error.extra
-        ), error.status
+        headers = RETRY_AFTER if isinstance(error, DatabaseUnavailable) else {}
+        body = _payload(error.status, error.message, reason=error.reason, **error.extra)
+        return body, error.status, headers
 
     @app.errorhandler(sa_exc.OperationalError)
     @app.errorhandler(sa_exc.InterfaceError)
@@ -84,7 +87,7 @@ def register_error_handlers(app: Flask) -> None:
     def _database(error: Exception) -> Any:
         log.warning("database unavailable: %s", error)
         body = _payload(503, "the database is unavailable", reason="database_unavailable")
-        return body, ServiceUnavailable.code, {"Retry-After": "2"}
+        return body, ServiceUnavailable.code, RETRY_AFTER
 
     @app.errorhandler(sa_exc.DataError)
     def _data(error: Exception) -> Any:

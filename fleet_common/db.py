@@ -20,14 +20,19 @@ from sqlalchemy import (
     Engine,
     MetaData,
     Select,
+    TextClause,
+    bindparam,
+    column,
     create_engine,
     event,
     exc,
     func,
     select,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Dialect, make_url
+from sqlalchemy.engine.interfaces import BindTyping
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
@@ -83,9 +88,17 @@ def normalise_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Engine:
+def make_engine(
+    url: str, *, pool_size: int = 10, echo: bool = False, autocommit: bool = False
+) -> Engine:
     """Build the process's engine: WAL + busy timeout + foreign keys on SQLite; fast failure
-    on PostgreSQL (short connect timeout, pre-ping so a restarted server is reconnected)."""
+    on PostgreSQL (short connect timeout).
+
+    No ``pool_pre_ping``: it costs a round trip on every checkout. A connection the server
+    dropped fails its first statement instead; SQLAlchemy then invalidates the whole pool
+    (every connection checked out before the failure is replaced), the request answers 503
+    (:class:`DatabaseUnavailable`) and the next ones reconnect. ``autocommit`` (PostgreSQL):
+    connections that run each statement in its own transaction."""
     url = normalise_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -101,10 +114,10 @@ def make_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Engine:
         echo=echo,
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,
         pool_timeout=2,
         pool_recycle=1800,
         connect_args={"connect_timeout": 2, "options": "-c statement_timeout=15000"},
+        **({"isolation_level": "AUTOCOMMIT"} if autocommit else {}),
     )
 
 
@@ -141,6 +154,46 @@ def page_of(
     return list(rows), int(total)
 
 
+class Prebuilt:
+    """A hot Core statement, compiled once per dialect into a textual one with the same
+    parameters (types included) and typed result columns. SQLAlchemy hashes a statement's
+    whole structure on every execution to find its compiled form; a textual statement's key
+    is its SQL string, so the larger hot statements stop paying for their size."""
+
+    def __init__(self, statement: Any) -> None:
+        self.statement = statement
+        self._by_dialect: dict[str, Any] = {}
+
+    def execute(self, session: Session, params: dict[str, Any]) -> Any:
+        """Execute in ``session``'s transaction; the result's rows."""
+        connection = session.connection()
+        return connection.execute(self.on(connection.dialect), params)
+
+    def on(self, dialect: Dialect) -> Any:
+        """The statement to execute on ``dialect``."""
+        built = self._by_dialect.get(dialect.name)
+        if built is None:
+            built = self._by_dialect[dialect.name] = self._build(dialect)
+        return built
+
+    def _build(self, dialect: Dialect) -> Any:
+        factory: Any = type(dialect)
+        named = factory(paramstyle="named")  # ":name" placeholders, as text() takes
+        named.bind_typing = BindTyping.NONE  # the casts are added when the text is compiled
+        compiled = self.statement.compile(dialect=named)
+        if compiled.post_compile_params or compiled.literal_execute_params:
+            raise ValueError("Prebuilt: expanding or literal parameters are not supported")
+        binds = {
+            name: bindparam(name, value=param.value, type_=param.type)
+            if param.value is not None
+            else bindparam(name, type_=param.type)
+            for param, name in compiled.bind_names.items()
+        }
+        # "::" (PostgreSQL casts) must not read as parameters.
+        sql: TextClause = text(compiled.string.replace("::", "\\:\\:")).bindparams(*binds.values())
+        return sql.columns(*(column(key, type_) for key, _, _, type_ in compiled._result_columns))
+
+
 class Database:
     """The engine and session factory of one process."""
 
@@ -148,15 +201,27 @@ class Database:
         self.url = normalise_url(url)
         self.engine = make_engine(self.url, pool_size=pool_size, echo=echo)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # For work made of statements each atomic on its own: on PostgreSQL they run without
+        # a transaction (no BEGIN and COMMIT round trips), on connections of their own (so no
+        # connection switches its isolation level at every checkout); SQLite keeps its path.
+        self._autocommit_engine: Engine | None = None
+        self._autocommit = self.sessions
+        if self.engine.dialect.name == "postgresql":
+            self._autocommit_engine = make_engine(
+                self.url, pool_size=pool_size, echo=echo, autocommit=True
+            )
+            self._autocommit = sessionmaker(self._autocommit_engine, expire_on_commit=False)
 
     @property
     def dialect(self) -> str:
         return self.engine.dialect.name
 
     @contextmanager
-    def session(self) -> Iterator[Session]:
-        """A unit of work: commit on success, roll back on any error."""
-        session = self.sessions()
+    def session(self, *, autocommit: bool = False) -> Iterator[Session]:
+        """A unit of work: commit on success, roll back on any error. ``autocommit``: the
+        caller promises statements that are each atomic and correct on their own (nothing to
+        roll back), so PostgreSQL runs each in its own transaction without BEGIN/COMMIT."""
+        session = self._autocommit() if autocommit else self.sessions()
         try:
             yield session
             session.commit()
@@ -178,6 +243,8 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        if self._autocommit_engine is not None:
+            self._autocommit_engine.dispose()
 
 
 def _is_disconnect(error: exc.DBAPIError) -> bool:

@@ -3,17 +3,18 @@ operators' view (list, inspect, change, delete, commands, token rotation)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import marshmallow as ma
 from flask.views import MethodView
 from flask_smorest import Blueprint
 from marshmallow import validate
 
-from fleet_api import context
+from fleet_api import context, lean
 from fleet_api.resources.common import DESIRED_STATES, InSchema, OutSchema
 from fleet_common.agents import commands, service
 from fleet_common.agents.models import AgentMode, AgentStatus, CommandStatus
+from fleet_common.auth.service import Acting
 from fleet_common.errors import NotFound
 
 blp = Blueprint("agents", __name__, url_prefix="/api/v1/agents", description="Agents")
@@ -105,6 +106,9 @@ class HeartbeatReplySchema(OutSchema):
     heartbeat_interval_secs = ma.fields.Integer()
 
 
+_heartbeat_reply = lean.dumper(HeartbeatReplySchema)
+
+
 class AgentQuerySchema(InSchema):
     status = ma.fields.String(validate=validate.OneOf([s.value for s in AgentStatus]))
     desired_state = ma.fields.String(validate=validate.OneOf(DESIRED_STATES))
@@ -159,26 +163,34 @@ class Register(MethodView):
 
 @blp.route("/heartbeat")
 class Heartbeat(MethodView):
-    @context.agent
-    @blp.arguments(HeartbeatSchema)
+    # Authenticates and marks online in one statement; with nothing else in the body the
+    # rest is at most the delivery of commands, one statement too: no transaction needed.
+    @context.agent_via(service.authenticate_online, single=lean.at_defaults(HeartbeatSchema))
+    @lean.arguments(blp, HeartbeatSchema)
     @blp.response(200, HeartbeatReplySchema)
     def post(self, body: dict[str, Any]) -> Any:
         """Liveness, lease renewals, metadata; the reply carries desired state and commands."""
-        reply = service.heartbeat(
+        online = cast(Acting, context.principal()).row
+        reply = service.heartbeat_online(
             context.session(),
             _orch(),
-            context.principal().agent_id or "",
+            online,
+            online.has_pending,
             body["leases"],
             body["metadata"],
         )
-        return {
-            "agent": reply.agent,
-            "desired_state": reply.agent.desired_state,
-            "commands": reply.commands,
-            "cancelled_task_ids": reply.cancelled_task_ids,
-            "stale_task_ids": reply.stale_task_ids,
-            "heartbeat_interval_secs": _orch().heartbeat_interval_secs,
-        }
+        return lean.reply(
+            _heartbeat_reply(
+                {
+                    "agent": reply.agent,
+                    "desired_state": reply.agent.desired_state,
+                    "commands": reply.commands,
+                    "cancelled_task_ids": reply.cancelled_task_ids,
+                    "stale_task_ids": reply.stale_task_ids,
+                    "heartbeat_interval_secs": _orch().heartbeat_interval_secs,
+                }
+            )
+        )
 
 
 @blp.route("/deregister")

@@ -7,18 +7,19 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Any
+from typing import Any, cast
 
 import marshmallow as ma
 from flask.views import MethodView
 from flask_smorest import Blueprint
 from marshmallow import validate
 
-from fleet_api import context
+from fleet_api import context, lean
 from fleet_api.resources.common import InSchema, OutSchema
 from fleet_api.resources.tasks import TaskSchema
+from fleet_common.auth.service import Acting
 from fleet_common.db import utcnow
-from fleet_common.dispatch.claim import Claim, claim_next
+from fleet_common.dispatch.claim import Claim, authenticate_locked, claim_for_reply
 from fleet_common.tasks import lease, logs
 from fleet_common.tasks.state import ATTEMPT_REASONS
 
@@ -41,6 +42,9 @@ class LeaseSchema(OutSchema):
 class DequeuedSchema(OutSchema):
     task = ma.fields.Nested(TaskSchema)
     lease = ma.fields.Nested(LeaseSchema)
+
+
+_dequeued = lean.dumper(DequeuedSchema)
 
 
 class StatusSchema(InSchema):
@@ -102,25 +106,25 @@ class FailSchema(InSchema):
     )
 
 
-def _claim_once() -> Claim | None:
+def _claim_once(locked: Any) -> Claim[Any] | None:
     ctx = context.fleet()
-    return claim_next(
-        context.session(), ctx.settings.orchestrator, context.principal().agent_id or ""
-    )
+    agent_id = context.principal().agent_id or ""
+    return claim_for_reply(context.session(), ctx.settings.orchestrator, agent_id, locked=locked)
 
 
 @blp.route("/tasks/dequeue")
 class Dequeue(MethodView):
-    @context.agent
-    @blp.arguments(DequeueSchema)
+    @context.agent_via(authenticate_locked)  # authenticates and locks the agent's row
+    @lean.arguments(blp, DequeueSchema)
     @blp.response(200, DequeuedSchema)
     @blp.alt_response(204, description="Nothing eligible")
     def post(self, body: dict[str, Any]) -> Any:
         """Claim the best eligible task, waiting up to ``wait_secs`` for one."""
         deadline = time.monotonic() + body["wait_secs"]
         s = context.session()
+        locked = cast(Acting, context.principal()).row  # for the first attempt only
         while True:
-            claim = _claim_once()
+            claim = _claim_once(locked)
             if claim is not None:
                 task = claim.task
                 lease_out = {
@@ -128,8 +132,9 @@ class Dequeue(MethodView):
                     "attempt": task.attempt,
                     "expires_at": claim.expires_at,
                 }
-                return {"task": task, "lease": lease_out}
+                return lean.reply(_dequeued({"task": task, "lease": lease_out}))
             s.commit()  # end this attempt's transaction (and locks) before waiting
+            locked = None
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return "", 204

@@ -84,7 +84,7 @@ def _cancel_held(
         tasks.cancel_task(session, task.id, actor=actor, now=now)
 
 
-def _deliverable(agent_id: Any, now: dt.datetime, redeliver_before: dt.datetime | None) -> Any:
+def _deliverable(agent_id: Any, now: Any, redeliver_before: dt.datetime | None) -> Any:
     condition = (
         (Command.agent_id == agent_id)
         & (Command.status == CommandStatus.PENDING)
@@ -95,8 +95,9 @@ def _deliverable(agent_id: Any, now: dt.datetime, redeliver_before: dt.datetime 
     return condition
 
 
-def pending_exists(agent_id: Any, now: dt.datetime) -> Any:
-    """An EXISTS expression: does ``agent_id`` (a value) have pending commands?"""
+def pending_exists(agent_id: Any, now: Any) -> Any:
+    """An EXISTS expression: does ``agent_id`` (a value or a scalar subquery) have pending
+    commands at ``now`` (a datetime or a bind parameter)?"""
     return exists().where(_deliverable(agent_id, now, None)).label("has_pending")
 
 
@@ -106,18 +107,22 @@ def deliver(
     """Pending commands for the agent's heartbeat reply, each handed out once; one not
     acknowledged within a lease period is handed out again."""
     redeliver_before = now - dt.timedelta(seconds=settings.lease_secs)
-    query = (
-        select(Command)
+    due = (
+        select(Command.id)
         .where(_deliverable(agent_id, now, redeliver_before))
         .order_by(Command.created_at, Command.id)
         .limit(DELIVERY_BATCH)
         .with_for_update(skip_locked=True)
     )
-    batch = list(session.scalars(query))
-    for command in batch:
-        command.delivered_at = now
-        command.delivery_count += 1
-    return batch
+    # One statement, so it is atomic on its own (a heartbeat may run without a transaction).
+    statement = (
+        update(Command)
+        .where(Command.id.in_(due.scalar_subquery()))
+        .values(delivered_at=now, delivery_count=Command.delivery_count + 1)
+        .returning(Command)
+        .execution_options(populate_existing=True)
+    )
+    return sorted(session.scalars(statement), key=lambda c: (c.created_at, c.id))
 
 
 def own_command(session: Session, agent_id: str, command_id: str) -> Command:

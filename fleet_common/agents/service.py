@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import String, cast, exc, select, update
+from sqlalchemy import Row, String, bindparam, cast, exc, select, update
 from sqlalchemy.orm import Session
 
 from fleet_common.agents import commands
@@ -16,7 +16,8 @@ from fleet_common.agents.models import Agent, AgentMode, AgentStatus, Command, D
 from fleet_common.auth import audit
 from fleet_common.auth import service as auth
 from fleet_common.auth.models import Token, TokenKind
-from fleet_common.db import page_of, utcnow
+from fleet_common.auth.service import NOW, Principal
+from fleet_common.db import Prebuilt, page_of, utcnow
 from fleet_common.dispatch.routing import validate_capabilities
 from fleet_common.errors import InvalidInput, NotFound, StaleLease
 from fleet_common.ids import new_id
@@ -37,7 +38,7 @@ class Registered:
 
 @dataclass
 class HeartbeatReply:
-    agent: Agent
+    agent: Any  # a row of AGENT_VIEW
     commands: list[Command] = field(default_factory=list)
     cancelled_task_ids: list[str] = field(default_factory=list)
     stale_task_ids: list[str] = field(default_factory=list)
@@ -165,6 +166,60 @@ def ensure_configured(
     return agent
 
 
+# What a heartbeat returns of the agent (its public columns), and the pending-commands flag.
+AGENT_VIEW = (
+    Agent.id,
+    Agent.name,
+    Agent.mode,
+    Agent.agent_type,
+    Agent.capabilities,
+    Agent.max_concurrency,
+    Agent.host_id,
+    Agent.hostname,
+    Agent.platform,
+    Agent.version,
+    Agent.meta.label("meta"),
+    Agent.status,
+    Agent.desired_state,
+    Agent.last_heartbeat_at,
+    Agent.created_at,
+)
+
+
+def _touch_statement(agent_id: Any) -> Any:
+    """Mark the agent ``agent_id`` (a value or a scalar subquery) online, locking its row;
+    returns AGENT_VIEW and whether commands wait for it."""
+    # The id as given, not the Agent.id column: SQLite renders a column in RETURNING
+    # unqualified, and inside the EXISTS over commands "id" would then mean commands.id.
+    return (
+        update(Agent)
+        .where(Agent.id == agent_id, Agent.deleted_at.is_(None))
+        .values(status=AgentStatus.ONLINE, last_heartbeat_at=NOW, updated_at=NOW)
+        .returning(*AGENT_VIEW, commands.pending_exists(agent_id, NOW))
+    )
+
+
+# Built once (statements are the hot path's main cost): by agent id, and by the caller's
+# token, which authenticates and marks online in one statement.
+_TOUCH_BY_ID = Prebuilt(_touch_statement(bindparam("agent_id")))
+_TOUCH_BY_TOKEN = Prebuilt(
+    _touch_statement(auth.live_agent_token(Token.agent_id)).returning(*auth.token_columns())
+)
+_SET_METADATA = Prebuilt(
+    update(Agent)
+    .where(Agent.id == bindparam("agent_id"))
+    .values(meta=bindparam("meta", type_=Agent.meta.type), updated_at=NOW)
+    .returning(*AGENT_VIEW)
+)
+
+
+def authenticate_online(session: Session, secret: str) -> Principal:
+    """Authenticate the caller and mark its agent online in the same statement (the
+    heartbeat's hot path: one round trip); an :class:`auth.Acting` whose row is AGENT_VIEW
+    plus ``has_pending``. A deleted agent is NotFound."""
+    return auth.authenticate_acting(session, secret, _TOUCH_BY_TOKEN)
+
+
 def heartbeat(
     session: Session,
     settings: OrchestratorSettings,
@@ -179,33 +234,38 @@ def heartbeat(
     The hot path is one statement: the agent row is updated and returned together with
     whether any command is waiting, so an idle agent's heartbeat costs a single round trip."""
     now = now or utcnow()
-    agent, has_pending = _touch(session, agent_id, now)
+    session.flush()  # Core statements follow
+    row = _TOUCH_BY_ID.execute(session, {"agent_id": agent_id, "now": now}).first()
+    if row is None:
+        raise NotFound(f"no agent {agent_id}")
+    return heartbeat_online(
+        session, settings, row, bool(row.has_pending), presented, metadata, now=now
+    )
+
+
+def heartbeat_online(
+    session: Session,
+    settings: OrchestratorSettings,
+    agent: Row[Any],
+    has_pending: bool,
+    presented: Sequence[dict[str, str]],
+    metadata: dict[str, Any] | None = None,
+    *,
+    now: dt.datetime | None = None,
+) -> HeartbeatReply:
+    """The rest of a heartbeat once the agent was marked online (``agent``, a row of
+    AGENT_VIEW): metadata, lease renewals, commands."""
+    now = now or utcnow()
     if metadata:
-        agent.meta = {**(agent.meta or {}), **_metadata(metadata)}
+        merged = {**(agent.meta or {}), **_metadata(metadata)}
+        params = {"agent_id": agent.id, "meta": merged, "now": now}
+        agent = _SET_METADATA.execute(session, params).one()
     reply = HeartbeatReply(agent)
     if presented:
         _renew_presented(session, settings, agent.id, presented, reply, now)
     if has_pending:
         reply.commands = commands.deliver(session, settings, agent.id, now=now)
     return reply
-
-
-def _touch(session: Session, agent_id: str, now: dt.datetime) -> tuple[Agent, bool]:
-    """Mark the agent online (locking its row) and tell whether commands wait for it."""
-    # The id as a value, not the Agent.id column: SQLite renders a column in RETURNING
-    # unqualified, and inside the EXISTS over commands "id" would then mean commands.id.
-    pending = commands.pending_exists(agent_id, now)
-    statement = (
-        update(Agent)
-        .where(Agent.id == agent_id, Agent.deleted_at.is_(None))
-        .values(status=AgentStatus.ONLINE, last_heartbeat_at=now, updated_at=now)
-        .returning(Agent, pending)
-        .execution_options(populate_existing=True)
-    )
-    row = session.execute(statement).first()
-    if row is None:
-        raise NotFound(f"no agent {agent_id}")
-    return row[0], bool(row[1])
 
 
 def _renew_presented(

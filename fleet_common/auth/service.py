@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import BindParameter, ScalarSelect, String, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from fleet_common.auth import audit, tokens
 from fleet_common.auth.models import Token, TokenKind
-from fleet_common.db import page_of, utcnow
+from fleet_common.db import Prebuilt, UTCDateTime, page_of, utcnow
 from fleet_common.errors import InvalidInput, NotFound, Unauthorized
 from fleet_common.ids import new_id
 
@@ -95,24 +96,55 @@ def revoke_agent_tokens(session: Session, agent_id: str, *, actor: str, now: dt.
     audit.record(session, actor, "token.revoke_all", "agent", agent_id)
 
 
+# Built once: authentication runs on every request, so it is one prebuilt Core statement
+# (no ORM load, no per-request statement building) and no cache (revocation is immediate).
+DIGEST: BindParameter[str] = bindparam("digest", type_=String())
+NOW = bindparam("now", type_=UTCDateTime())
+_BY_DIGEST = Prebuilt(
+    select(
+        Token.id,
+        Token.kind,
+        Token.agent_id,
+        Token.digest,
+        Token.revoked_at,
+        Token.expires_at,
+        Token.last_used_at,
+    ).where(Token.digest == DIGEST)
+)
+_MARK_USED = Prebuilt(
+    update(Token)
+    .where(Token.id == bindparam("token_id"))
+    .values(last_used_at=bindparam("used", type_=UTCDateTime()))
+)
+
+
 def authenticate(session: Session, secret: str, *, now: dt.datetime | None = None) -> Principal:
     """Resolve a bearer secret to a Principal; anything not a live admin/agent token is 401."""
     kind = tokens.kind_of(secret)
     if kind not in (TokenKind.ADMIN, TokenKind.AGENT):
         raise Unauthorized("invalid or expired token")
-    row = find_live(session, secret, kind, now=now)
     now = now or utcnow()
-    if row.last_used_at is None or now - row.last_used_at > LAST_USED_RESOLUTION:
-        row.last_used_at = now
+    row = find_live(session, secret, kind, now=now)
+    note_use(session, row.id, row.last_used_at, now)
     return Principal(kind=kind, token_id=row.id, agent_id=row.agent_id)
+
+
+def note_use(
+    session: Session, token_id: str, last_used_at: dt.datetime | None, now: dt.datetime
+) -> None:
+    """Record the token's use, at most once per LAST_USED_RESOLUTION."""
+    if last_used_at is None or now - last_used_at > LAST_USED_RESOLUTION:
+        _MARK_USED.execute(session, {"token_id": token_id, "used": now})
 
 
 def find_live(
     session: Session, secret: str, kind: TokenKind, *, now: dt.datetime | None = None
-) -> Token:
-    """The live token of ``kind`` for ``secret``, or Unauthorized (one message for every case)."""
+) -> Any:
+    """The live token of ``kind`` for ``secret`` (a row of its columns), or Unauthorized (one
+    message for every case)."""
     now = now or utcnow()
-    found = session.scalars(select(Token).where(Token.digest == tokens.digest(secret))).first()
+    session.flush()  # a Core statement: make the session's pending changes visible to it
+    found = _BY_DIGEST.execute(session, {"digest": tokens.digest(secret)}).first()
     if (
         found is None
         or found.kind != kind
@@ -122,6 +154,53 @@ def find_live(
     ):
         raise Unauthorized("invalid or expired token")
     return found
+
+
+@dataclass(frozen=True)
+class Acting(Principal):
+    """An agent authenticated by a statement that also acted on its row (see
+    :func:`authenticate_acting`); ``row`` is what that statement returned."""
+
+    row: Any = None
+
+
+def authenticate_acting(session: Session, secret: str, statement: Prebuilt) -> Principal:
+    """Authenticate and act on the caller's agent in one statement: ``statement`` (built with
+    :func:`live_agent_token`, parameters ``digest`` and ``now``) returns the agent's row with
+    ``token_id`` and ``token_used_at``, or nothing. Nothing, or an admin token, takes the usual
+    path and its answer (401, or an admin Principal, which agent endpoints refuse); a live
+    agent token whose agent the statement did not find is NotFound."""
+    if tokens.kind_of(secret) != TokenKind.AGENT:
+        return authenticate(session, secret)
+    now = utcnow()
+    params = {"digest": tokens.digest(secret), "now": now}
+    row = statement.execute(session, params).first()
+    if row is None:
+        who = authenticate(session, secret, now=now)  # Unauthorized unless the token is live
+        raise NotFound(f"no agent {who.agent_id}")
+    note_use(session, row.token_id, row.token_used_at, now)
+    return Acting(kind=TokenKind.AGENT, token_id=row.token_id, agent_id=row.id, row=row)
+
+
+def token_columns() -> tuple[Any, ...]:
+    """What :func:`authenticate_acting` needs its statement to return about the token."""
+    return (
+        live_agent_token(Token.id).label("token_id"),
+        live_agent_token(Token.last_used_at).label("token_used_at"),
+    )
+
+
+def live_agent_token(column: Any) -> ScalarSelect[Any]:
+    """``column`` of the live agent token whose digest is the ``digest`` parameter, as a
+    scalar subquery (NULL if there is none): the checks of :func:`find_live`, for statements
+    that authenticate and act at once. ``now`` is a parameter too."""
+    live = (
+        Token.digest == DIGEST,
+        Token.kind == TokenKind.AGENT,
+        Token.revoked_at.is_(None),
+        Token.expires_at.is_(None) | (Token.expires_at > NOW),
+    )
+    return select(column).where(*live).scalar_subquery()
 
 
 def check_join_token(session: Session, secret: str, *, now: dt.datetime) -> Token:

@@ -117,6 +117,7 @@ class Task(Base):
             "assigned_agent_id",
             text("priority DESC"),
             "created_at",
+            "id",
             postgresql_where=text("status = 'queued' AND assigned_agent_id IS NOT NULL"),
             sqlite_where=text("status = 'queued' AND assigned_agent_id IS NOT NULL"),
         ),

@@ -105,9 +105,26 @@ def transition(
     """Move ``task`` to ``to_status`` (or record a change in place when equal), apply
     ``changes`` to the row and append the event. Raises IllegalTransition, writing nothing."""
     from_status = task.status
+    check_move(from_status, to_status)
+    return _write(session, task, from_status, to_status, event, actor, changes, data, now)
+
+
+def check_move(from_status: str, to_status: str) -> None:
+    """Raise IllegalTransition unless a task may move from ``from_status`` to ``to_status``
+    (equal statuses: a change recorded in place)."""
     if to_status != from_status and to_status not in ALLOWED[from_status]:
         raise IllegalTransition(f"cannot move a task from {from_status} to {to_status}")
-    return _write(session, task, from_status, to_status, event, actor, changes, data, now)
+
+
+def event_data(changes: dict[str, Any], data: dict[str, Any] | None) -> dict[str, Any]:
+    """An event's ``data``: ``data`` plus the projected ``changes`` (JSON-safe). Statements
+    that move a task in SQL build their event from this, so it is the one :func:`transition`
+    would have written."""
+    payload: dict[str, Any] = dict(data or {})
+    projected = {k: to_json(v) for k, v in changes.items() if k in PROJECTED}
+    if projected:
+        payload["changes"] = projected
+    return payload
 
 
 def record_creation(session: Session, task: Task, actor: str) -> TaskEvent:
@@ -136,10 +153,7 @@ def _write(
     task.status = to_status
     task.updated_at = now
     task.event_seq = (task.event_seq or 0) + 1
-    payload: dict[str, Any] = dict(data or {})
-    projected = {k: to_json(v) for k, v in changes.items() if k in PROJECTED}
-    if projected:
-        payload["changes"] = projected
+    payload = event_data(changes, data)
     row = TaskEvent(
         task_id=task.id,
         seq=task.event_seq,

@@ -46,30 +46,30 @@ def measure(base_url: str, join_token: str, name: str, warmup: int, count: int) 
 
 
 def explain_claim(db_url: str, agent_id: str) -> str:
-    """EXPLAIN ANALYZE of the claim's candidate query (rolled back: it locks a row)."""
-    from sqlalchemy import text
+    """EXPLAIN ANALYZE of the claim statement, as ``claim_for_reply`` sends it (captured from
+    a real claim, then explained; both rolled back)."""
+    from sqlalchemy import event
 
-    from fleet_common.db import Database, utcnow
-    from fleet_common.dispatch.claim import _PG_CANDIDATES
+    from fleet_common.db import Database
+    from fleet_common.dispatch.claim import claim_for_reply
+    from fleet_common.settings import OrchestratorSettings
 
     db = Database(db_url, pool_size=1)
+    sent: list[tuple[str, Any]] = []
+
+    @event.listens_for(db.engine, "before_cursor_execute")
+    def _capture(_conn: Any, _cursor: Any, statement: str, params: Any, *_rest: Any) -> None:
+        if statement.lstrip().startswith("WITH"):
+            sent.append((statement, params))
+
     try:
         with db.engine.connect() as conn:
-            params = {"keys": ["_"], "agent_id": agent_id, "now": utcnow()}
-            rows = conn.execute(
-                text("EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) " + _PG_CANDIDATES.text), params
-            )
-            plan = "\n".join(f"     {row[0]}" for row in rows)
-            conn.rollback()
-            count = conn.execute(
-                text(
-                    "EXPLAIN (ANALYZE, COSTS OFF) SELECT count(*) FROM tasks "
-                    "WHERE agent_id = :a AND status IN ('dispatched', 'running')"
-                ),
-                {"a": agent_id},
-            )
-            plan += "\n   the agent's running attempts (the capacity check):\n"
-            plan += "\n".join(f"     {row[0]}" for row in count)
+            with db.sessions(bind=conn) as session:
+                claim_for_reply(session, OrchestratorSettings(), agent_id)
+                session.rollback()
+            statement, params = sent[0]
+            explain = "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) " + statement
+            plan = "\n".join(f"     {row[0]}" for row in conn.exec_driver_sql(explain, params))
             conn.rollback()
         return plan
     finally:
@@ -107,7 +107,7 @@ def run_phase(
         f"{1000 * wall / requests:.1f} ms wall per request"
     )
     if finished:
-        print("   EXPLAIN ANALYZE of the claim's candidate query, loaded database:")
+        print("   EXPLAIN ANALYZE of the claim statement, loaded database:")
         print(explain_claim(db_url, _agent_id(db_url, name)))
     return latencies
 
