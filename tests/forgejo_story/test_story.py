@@ -10,7 +10,6 @@ changes still happen, and Forgejo converges to the final state once it answers a
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,12 +29,6 @@ BACKENDS = [
 STEP_TIMEOUT = 60.0
 #: After an outage: the next retry of a sync (backoff with jitter) or the outbox sweep.
 CONVERGE_TIMEOUT = 60.0
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeForgejo]:
-    with FakeForgejo() as server:
-        yield server
 
 
 def open_labelled_issue(system: ForgejoSystem) -> tuple[int, str]:
