@@ -77,6 +77,7 @@ class ForgejoSettings:
     repos: tuple[str, ...] = ()
     reconcile_interval_secs: int = 300
     require_pr: bool = True
+    delivery_retention_days: int = 14
     prompt_template: str = "{title}\n\n{body}"
 
     @property
@@ -175,6 +176,7 @@ _POSITIVE = {
     "join_token_ttl_secs",
     "max_body_bytes",
     "reconcile_interval_secs",
+    "delivery_retention_days",
     "no_capable_agent_after_secs",
 }
 

@@ -18,7 +18,8 @@ from fleet_common.agents.models import Agent, AgentStatus, DesiredState
 from fleet_common.agents.service import release_tasks
 from fleet_common.auth import audit
 from fleet_common.dispatch.routing import can_serve
-from fleet_common.settings import OrchestratorSettings
+from fleet_common.forgejo.models import WebhookDelivery
+from fleet_common.settings import OrchestratorSettings, Settings
 from fleet_common.tasks import lease
 from fleet_common.tasks.models import ACTIVE, TERMINAL, Task, TaskLogChunk, TaskStatus
 from fleet_common.tasks.state import Reason, transition
@@ -213,6 +214,25 @@ def expired_logs(session: Session, settings: OrchestratorSettings, now: dt.datet
     session.execute(delete(TaskLogChunk).where(TaskLogChunk.task_id.in_(old)))
     for task in session.scalars(select(Task).where(Task.id.in_(old))):
         task.log_bytes = 0
+    return len(old)
+
+
+def expired_deliveries(session: Session, settings: Settings, now: dt.datetime) -> int:
+    """Delete the oldest batch of webhook deliveries received more than
+    ``forgejo.delivery_retention_days`` ago (kept until then to dedupe redeliveries)."""
+    cutoff = now - dt.timedelta(days=settings.forgejo.delivery_retention_days)
+    old = list(
+        session.scalars(
+            select(WebhookDelivery.id)
+            .where(WebhookDelivery.received_at < cutoff)
+            .order_by(WebhookDelivery.received_at)
+            .limit(settings.orchestrator.sweep_batch_size)
+            .with_for_update(skip_locked=True)
+        )
+    )
+    if not old:
+        return 0
+    session.execute(delete(WebhookDelivery).where(WebhookDelivery.id.in_(old)))
     return len(old)
 
 

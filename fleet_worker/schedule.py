@@ -17,6 +17,7 @@ RELAY_TASK = "fleet.sweep.relay"
 BROKER_FILES_TASK = "fleet.sweep.broker_files"
 RECONCILE_TASK = "fleet.sweep.reconcile"
 FORGEJO_OUTBOX_TASK = "fleet.sweep.forgejo_outbox"
+DELIVERIES_TASK = "fleet.sweep.deliveries"
 
 
 def sweep_task_name(sweep: str) -> str:
@@ -35,13 +36,15 @@ def _entry(task: str, every: float, expires: float) -> dict[str, Any]:
 
 
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
-    """The ``beat_schedule`` of ``settings``: every sweep and the relay each
-    ``orchestrator.sweep_interval_secs``; the broker's file cleanup on the filesystem broker;
-    the Forgejo reconcile every ``forgejo.reconcile_interval_secs`` when repos are configured;
-    the Forgejo write-back's outbox every sweep interval when Forgejo is configured."""
+    """The ``beat_schedule`` of ``settings``: every sweep, the relay and the webhook deliveries'
+    retention each ``orchestrator.sweep_interval_secs``; the broker's file cleanup on the
+    filesystem broker; the Forgejo reconcile every ``forgejo.reconcile_interval_secs`` when
+    repos are configured; the Forgejo write-back's outbox every sweep interval when Forgejo is
+    configured."""
     every = settings.orchestrator.sweep_interval_secs
     entries = {f"sweep-{key}": _entry(sweep_task_name(key), every, every) for key in SWEEPS}
     entries["sweep-relay"] = _entry(RELAY_TASK, every, every)
+    entries["sweep-deliveries"] = _entry(DELIVERIES_TASK, every, every)
     if settings.broker_url.startswith("filesystem:"):
         entries["sweep-broker-files"] = _entry(BROKER_FILES_TASK, 60, 60)
     if settings.forgejo.enabled:

@@ -154,15 +154,21 @@ def row_counts(db: Any) -> dict[str, int]:
     return {name: len(rows) for name, rows in snapshot(db).items()}
 
 
-def wait_until(condition: Callable[[], Any], *, timeout: float, what: str) -> Any:
-    """Poll ``condition`` until it returns something truthy, at most ``timeout`` seconds."""
+def wait_until(
+    condition: Callable[[], Any], *, timeout: float, what: str, logs: Callable[[], str] = str
+) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail naming ``what`` (and showing
+    ``logs()``) after ``timeout`` seconds. Bounds are ceilings, not expected durations."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            detail = logs()
+            raise AssertionError(
+                f"timed out after {timeout}s waiting for {what}" + (f"\n{detail}" if detail else "")
+            )
         time.sleep(0.05)
 
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: a migrated database per backend, settings, the API app and tokens.
+"""Shared fixtures: a migrated database per backend, settings, the API app, tokens and a fake
+Forgejo.
 
 The schema is always built by running the Alembic migrations. Each test gets a clean database:
 PostgreSQL tables are truncated between tests (one migrated database per xdist worker), SQLite
@@ -21,6 +22,7 @@ from fleet_common.migrate import upgrade
 from fleet_common.models import Base
 from fleet_common.settings import Settings, load_settings
 from tests import services
+from tests.fakes.forgejo import FakeForgejo
 
 
 @pytest.fixture(scope="session")
@@ -98,3 +100,10 @@ def admin_token(db: Database) -> str:
     with db.session() as session:
         _, secret = auth.mint(session, TokenKind.ADMIN, actor="test", name="test")
     return secret
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeForgejo]:
+    """A running fake Forgejo, empty (the suite's only fake)."""
+    with FakeForgejo() as server:
+        yield server

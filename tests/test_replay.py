@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from sqlalchemy import text, update
+from sqlalchemy import select, text, update
 
 from fleet_common import sweeps
 from fleet_common.agents import service as agents
@@ -26,8 +26,9 @@ from fleet_common.forgejo import prs
 from fleet_common.settings import Settings
 from fleet_common.tasks import lease, replay
 from fleet_common.tasks import service as tasks
-from fleet_common.tasks.models import Task
+from fleet_common.tasks.models import Task, TaskEvent
 from fleet_common.tasks.replay import Difference
+from fleet_common.tasks.state import PR_COLUMNS
 
 HOUR = dt.timedelta(hours=1)
 
@@ -106,23 +107,44 @@ class Driver:
             return str(lease.fail(session, self.orch, held, "boom", retryable=retryable).status)
 
     def pull_request(self, task_id: str, *, merged: bool) -> None:
-        pull = prs.PullRef.from_api(
-            {
-                "number": 7,
-                "state": "closed",
-                "merged": merged,
-                "html_url": "https://git.example.com/acme/rocket/pulls/7",
-                "head": {"ref": f"fleet/{task_id}", "sha": "abc123"},
-            }
-        )
+        pull = pull_ref(task_id, 7, "abc123", state="closed", merged=merged)
         with self.db.session() as session:
             task = tasks.get_task(session, task_id, for_update=True)
             change = prs.complete_merged if merged else prs.fail_closed
             change(session, task, pull, actor="forgejo", now=utcnow())
 
+    def attach(self, task_id: str, number: int, head_sha: str) -> None:
+        """Forgejo tells of a PR from the task's branch (attached, or its head moved)."""
+        pull = pull_ref(task_id, number, head_sha)
+        with self.db.session() as session:
+            task = tasks.get_task(session, task_id, for_update=True)
+            if task.pr_number == number:
+                prs.record(session, task, "pr_synchronized", pull, actor="forgejo", now=utcnow())
+            else:
+                prs.attach(session, task, pull, actor="forgejo")
+
+    def detach(self, task_id: str) -> None:
+        with self.db.session() as session:
+            task = tasks.get_task(session, task_id, for_update=True)
+            prs.detach(session, task, actor="forgejo", now=utcnow())
+
     def status(self, task_id: str) -> str:
         with self.db.session() as session:
             return str(tasks.get_task(session, task_id).status)
+
+
+def pull_ref(
+    task_id: str, number: int, head_sha: str, *, state: str = "open", merged: bool = False
+) -> prs.PullRef:
+    return prs.PullRef.from_api(
+        {
+            "number": number,
+            "state": state,
+            "merged": merged,
+            "html_url": f"https://git.example.com/acme/rocket/pulls/{number}",
+            "head": {"ref": f"fleet/{task_id}", "sha": head_sha},
+        }
+    )
 
 
 PR_RECEIPT = {
@@ -148,21 +170,27 @@ def run_scenario(db: Database, settings: Settings) -> Scenario:
     d.start(t, token)
     assert d.complete(t, token, {"exit_code": 0, "summary": "done"}) == "completed"
 
-    # A failed attempt is retried after its backoff; the second one opens a PR: in_review,
-    # then the PR is merged.
+    # A failed attempt is retried after its backoff; the second one opens a PR (attached,
+    # then its head moves): in_review, then the PR is merged.
     ids["merged"] = t = d.create("flaky", max_retries=2)
     token = d.claim(t)
     d.start(t, token)
     assert d.fail(t, token) == "queued"
     later = utcnow() + HOUR  # past the backoff
     token = d.claim(t, now=later)
+    d.attach(t, 7, "abc123")
     assert d.complete(t, token, PR_RECEIPT, now=later, review=True) == "in_review"
+    d.attach(t, 7, "def456")
     d.pull_request(t, merged=True)
     assert d.status(t) == "completed"
 
     # In review, then the PR is closed unmerged: failed (pr_closed).
+    # A PR that stopped naming the task was detached first.
     ids["pr_closed"] = t = d.create("rejected")
     token = d.claim(t)
+    d.attach(t, 6, "0ld")
+    d.detach(t)
+    d.attach(t, 7, "abc123")
     assert d.complete(t, token, PR_RECEIPT, review=True) == "in_review"
     d.pull_request(t, merged=False)
     assert d.status(t) == "failed"
@@ -278,6 +306,26 @@ TAMPERS = {
     "retry_base": Tamper(
         "retried", "UPDATE tasks SET retry_base = 0 WHERE id = :id", "retry_base", 0, 1
     ),
+    "pr_number": Tamper(
+        "merged", "UPDATE tasks SET pr_number = 8 WHERE id = :id", "pr_number", 8, 7
+    ),
+    "pr_url": Tamper(
+        "pr_closed",
+        "UPDATE tasks SET pr_url = NULL WHERE id = :id",
+        "pr_url",
+        None,
+        "https://git.example.com/acme/rocket/pulls/7",
+    ),
+    "pr_head_sha": Tamper(
+        "merged",
+        "UPDATE tasks SET pr_head_sha = 'abc123' WHERE id = :id",
+        "pr_head_sha",
+        "abc123",
+        "def456",
+    ),
+    "pr_attached_by_hand": Tamper(
+        "completed", "UPDATE tasks SET pr_number = 3 WHERE id = :id", "pr_number", 3, None
+    ),
 }
 
 
@@ -328,3 +376,25 @@ def test_verify_pages_through_many_tasks(db: Database, settings: Settings) -> No
     assert differences(db) == [
         Difference(victim, "max_retries", 9, settings.orchestrator.default_max_retries)
     ]
+
+
+def test_a_log_written_before_the_pr_columns_were_projected_replays(
+    db: Database, scenario: Scenario
+) -> None:
+    """Events written before the PR columns were in ``changes`` carry them in ``data`` only;
+    replay takes them from there, so an old log is still clean and still catches a forgery."""
+    with db.session() as session:
+        for event in session.scalars(select(TaskEvent)):
+            changes = (event.data or {}).get("changes", {})
+            if changes.keys() & set(PR_COLUMNS):
+                old = {k: v for k, v in changes.items() if k not in PR_COLUMNS}
+                event.data = (
+                    {**event.data, "changes": old}
+                    if old
+                    else {k: v for k, v in event.data.items() if k != "changes"}
+                )
+    assert differences(db) == []
+    task_id = scenario.ids["merged"]
+    with db.session() as session:
+        session.execute(update(Task).where(Task.id == task_id).values(pr_head_sha="abc123"))
+    assert differences(db) == [Difference(task_id, "pr_head_sha", "abc123", "def456")]

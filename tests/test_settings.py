@@ -24,6 +24,7 @@ url = "https://git.example.com"
 token = "secret"
 webhook_secret = "hook"
 repos = ["acme/rocket"]
+delivery_retention_days = 7
 
 [agent_types.codex]
 command = ["codex", "exec", "--cd", "{workspace}", "{prompt_file}"]
@@ -65,6 +66,7 @@ def test_full_file_is_read(tmp_path: Path) -> None:
     assert settings.orchestrator.lease_secs == 30
     assert settings.orchestrator.offline_after_secs == 15
     assert settings.forgejo.repos == ("acme/rocket",)
+    assert settings.forgejo.delivery_retention_days == 7
     host = settings.host("build-01")
     assert host.transport == "ssh"
     assert host.agents[0].capabilities == ("code:python", "tests")
@@ -104,6 +106,8 @@ def test_config_path_from_environment(tmp_path: Path) -> None:
         ("", {"FLEET_ORCHESTRATOR_LEASE_SECS": "ten"}, "orchestrator.lease_secs"),
         ("", {"FLEET_SERVER_PORT": "70000"}, "server.port"),
         ("[forgejo]\nrequire_pr = 'maybe'\n", {}, "forgejo.require_pr"),
+        ("[forgejo]\ndelivery_retention_days = 0\n", {}, "forgejo.delivery_retention_days"),
+        ("", {"FLEET_FORGEJO_DELIVERY_RETENTION_DAYS": "-3"}, "forgejo.delivery_retention_days"),
         ("[orchestrator]\ndatabase_url = 'mysql://x'\n", {}, "orchestrator.database_url"),
         ("[serverr]\n", {}, "serverr"),
         ("[[hosts]]\ntransport = 'local'\n", {}, "hosts[0].host_id"),

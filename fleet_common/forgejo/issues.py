@@ -82,6 +82,7 @@ def labelled_again(
     label event since that task ended left the issue unqualified (the label was removed and
     added again). Otherwise (a person tags a finished issue ``priority/high``) nothing starts.
     ``before`` ignores what Fleet learnt at or after that moment (reconcile's list is older).
+    The deliveries are kept ``forgejo.delivery_retention_days``: an older removal is forgotten.
     """
     if latest is None:
         return True

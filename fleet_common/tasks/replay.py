@@ -10,9 +10,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from fleet_common.tasks.models import Task, TaskEvent
-from fleet_common.tasks.state import PROJECTED, to_json
+from fleet_common.tasks.state import PR_COLUMNS, PROJECTED, to_json
 
 BATCH = 500
+#: Events ``forgejo.prs.record`` writes (they may move the PR head).
+_PR_RECORDS = frozenset({"pr_merged", "pr_closed", "pr_synchronized", "pr_reopened"})
 
 
 @dataclass(frozen=True)
@@ -36,10 +38,31 @@ def rebuild(events: list[TaskEvent]) -> dict[str, Any]:
         if event.seq != expected_seq:
             state["__gap__"] = f"event seq {expected_seq} missing"
         expected_seq = event.seq + 1
-        state.update((event.data or {}).get("changes", {}))
+        changes = (event.data or {}).get("changes", {})
+        if not changes.keys() & PR_COLUMNS:
+            changes = {**_legacy_pr_changes(event, state), **changes}
+        state.update(changes)
         if event.to_status is not None:
             state["status"] = event.to_status
     return state
+
+
+def _legacy_pr_changes(event: TaskEvent, state: dict[str, Any]) -> dict[str, Any]:
+    """The PR columns changed by an event written before they were projected, from its
+    ``data`` (the values ``forgejo.prs`` set; a newer event carries them in ``changes``)."""
+    data = event.data or {}
+    if event.type == "pr_attached":
+        return {
+            "pr_number": data.get("pr_number"),
+            "pr_url": data.get("pr_url") or state.get("pr_url"),
+            "pr_head_sha": data.get("head_sha") or None,
+        }
+    if event.type == "pr_detached":
+        return dict.fromkeys(PR_COLUMNS)
+    head = data.get("head_sha")
+    if event.type in _PR_RECORDS and head and data.get("pr_number") == state.get("pr_number"):
+        return {"pr_head_sha": head}
+    return {}
 
 
 def verify(session: Session) -> Iterator[Difference]:

@@ -55,6 +55,9 @@ ALLOWED: dict[str, frozenset[str]] = {
     S.CANCELLED: frozenset(),
 }
 
+# The task's pull request (set by ``forgejo.prs``: attached, detached, head synchronized).
+PR_COLUMNS = ("pr_number", "pr_url", "pr_head_sha")
+
 # The task columns the event log reproduces; ``fleet events verify`` compares exactly these.
 PROJECTED = (
     "status",
@@ -69,6 +72,7 @@ PROJECTED = (
     "not_before",
     "receipt",
     "artifacts",
+    *PR_COLUMNS,
 )
 
 

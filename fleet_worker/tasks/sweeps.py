@@ -1,7 +1,7 @@
-"""The sweep tasks: one per ``fleet_common.sweeps.SWEEPS`` entry, the relay, and the filesystem
-broker's cleanup. Each is a thin shell around a ``fleet_common`` function, run by beat on the
-``fleet.sweeps`` queue (the ``task_routes`` of ``make_celery``); a message older than one sweep
-interval expires instead of running late.
+"""The sweep tasks: one per ``fleet_common.sweeps.SWEEPS`` entry, the relay, the webhook
+deliveries' retention and the filesystem broker's cleanup. Each is a thin shell around a
+``fleet_common`` function, run by beat on the ``fleet.sweeps`` queue (the ``task_routes`` of
+``make_celery``); a message older than one sweep interval expires instead of running late.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from sqlalchemy.orm import Session
 
 from fleet_common.db import utcnow
 from fleet_common.settings import OrchestratorSettings
-from fleet_common.sweeps import SWEEPS, due_for_publish
+from fleet_common.sweeps import SWEEPS, due_for_publish, expired_deliveries
 from fleet_worker.base import FleetTask
 from fleet_worker.runtime import runtime_of
-from fleet_worker.schedule import BROKER_FILES_TASK, RELAY_TASK, sweep_task_name
+from fleet_worker.schedule import BROKER_FILES_TASK, DELIVERIES_TASK, RELAY_TASK, sweep_task_name
 
 Sweep = Callable[[Session, OrchestratorSettings, Any], int]
 
@@ -50,6 +50,7 @@ def register(app: Any) -> None:
     for key, sweep in SWEEPS.items():
         app.task(name=sweep_task_name(key), **options)(_sweep_body(key, sweep))
     app.task(name=RELAY_TASK, **options)(relay)
+    app.task(name=DELIVERIES_TASK, **options)(deliveries)
     app.task(name=BROKER_FILES_TASK, **{**options, "expires": 60.0})(broker_files)
 
 
@@ -76,6 +77,14 @@ def relay(task: FleetTask) -> None:
     publisher.publish(due)
     publisher.flush(RELAY_FLUSH_SECS)
     task.log("relay: %d wake-ups", len(due))
+
+
+def deliveries(task: FleetTask) -> None:
+    """Delete webhook deliveries past ``forgejo.delivery_retention_days``, a batch a run."""
+    with task.session() as session:
+        count = expired_deliveries(session, task.settings, utcnow())
+    if count:
+        task.log("deliveries: %d", count)
 
 
 def broker_files(task: FleetTask) -> None:

@@ -197,7 +197,7 @@ def main() -> None:
         },
     )
     with harness.scratch_database("fleet_bench_claims") as db_url:
-        agent_ids = _baseline_agents(db_url, args.clients)
+        agent_ids = harness.configured_agents(db_url, "baseline", args.clients, 1_000_000)
         state_dir = tempfile.mkdtemp(prefix="bench-state-")
         env = {"FLEET_DATABASE_URL": db_url, "FLEET_ORCHESTRATOR_STATE_DIR": state_dir}
         base_rates, fleet_rates = [], []
@@ -255,30 +255,6 @@ def _fleet_round(args: argparse.Namespace, db_url: str, server: Any, *, profile:
     for profiler in profilers:
         print(profiler.summary())
     return rate
-
-
-def _baseline_agents(db_url: str, count: int) -> list[str]:
-    from fleet_common.agents import service as agents
-    from fleet_common.db import Database
-
-    db = Database(db_url, pool_size=1)
-    try:
-        with db.session() as session:
-            return [
-                agents.ensure_configured(
-                    session,
-                    host_uid=f"baseline-{n}",
-                    name=f"baseline-{n}",
-                    host_id="bench",
-                    hostname="bench",
-                    agent_type="none",
-                    capabilities=[],
-                    max_concurrency=1_000_000,
-                ).id
-                for n in range(count)
-            ]
-    finally:
-        db.dispose()
 
 
 def _fmt(values: list[float]) -> str:

@@ -28,7 +28,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,16 +35,15 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import harness
 import requests
 
-PG_URL = os.environ.get("FLEET_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-REDIS_URL = os.environ.get("FLEET_BENCH_REDIS_URL", "redis://127.0.0.1:6379")
 #: The agent: its first statement records when it runs (no shell, no site packages).
 STAMP = "import sys,time;t=repr(time.time());open(sys.argv[1],'w').write(t)"
 BARE_QUEUE = "bench.bare"
@@ -76,12 +74,6 @@ def read_stamp(path: Path) -> float | None:
         return float(text)
     except ValueError:  # being written
         return None
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def pct(values: list[float], q: int) -> float:
@@ -131,41 +123,6 @@ class Throughput:
 
 
 # -- services ----------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def scratch_postgres() -> Iterator[str]:
-    import psycopg
-
-    name = f"fleet_bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(PG_URL, autocommit=True, connect_timeout=5) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"{PG_URL.rsplit('/', 1)[0]}/{name}"
-    finally:
-        with psycopg.connect(PG_URL, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-@contextlib.contextmanager
-def scratch_redis() -> Iterator[str]:
-    """An empty Redis database (1-15) of our own, locked like the tests' and flushed after."""
-    import redis
-
-    token = uuid.uuid4().hex
-    for index in range(15, 0, -1):
-        client = redis.Redis.from_url(f"{REDIS_URL}/{index}", socket_timeout=5)
-        if not client.set("fleet-tests:worker:lock", token, nx=True, ex=3600):
-            continue
-        if client.dbsize() == 1:
-            break
-        client.delete("fleet-tests:worker:lock")
-    else:
-        raise RuntimeError(f"no empty Redis database on {REDIS_URL}")
-    try:
-        yield f"{REDIS_URL}/{index}"
-    finally:
-        client.flushdb()
 
 
 class Process:
@@ -230,7 +187,7 @@ agents = [
 ]
 """
         )
-        self.port = free_port()
+        self.port = harness.free_port()
         state = root / "state"
         self.process = Process(
             [sys.executable, "-m", "fleet_api.cli", "up", "--port", str(self.port)],
@@ -484,7 +441,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  the stamp agent's own start (python -S, launched directly): p50 {start_ms:.1f} ms")
     r: dict[str, Any] = {}
     try:
-        with scratch_postgres() as pg, scratch_redis() as fleet_broker, scratch_redis() as bare_b:
+        with (
+            harness.scratch_postgres() as pg,
+            harness.scratch_redis() as fleet_broker,
+            harness.scratch_redis() as bare_b,
+        ):
             log("starting bare Celery and Fleet (redis + postgresql)")
             bare = Bare(root / "bare", bare_b, args.concurrency)
             fleet = Fleet(

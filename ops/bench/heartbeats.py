@@ -131,7 +131,7 @@ def main() -> None:
     )
     results: dict[str, list[tuple[float, float, float]]] = {"bare": [], "fleet": []}
     with harness.scratch_database("fleet_bench_heartbeats") as db_url:
-        agent_ids = _agents(db_url, args.clients)
+        agent_ids = harness.configured_agents(db_url, "bare", args.clients, 1)
         state_dir = tempfile.mkdtemp(prefix="bench-state-")
         fleet_env = {"FLEET_DATABASE_URL": db_url, "FLEET_ORCHESTRATOR_STATE_DIR": state_dir}
         bare_env = {"BENCH_DATABASE_URL": db_url}
@@ -205,31 +205,6 @@ def _fleet_round(
 def _cpu_line(cpu: float, outcomes: list[Outcome]) -> None:
     requests = sum(o.requests for o in outcomes)
     print(f"     server workers used {cpu:.1f} CPU-s = {1000 * cpu / requests:.2f} ms per request")
-
-
-def _agents(db_url: str, count: int) -> list[str]:
-    """Agent rows for the baseline's UPDATEs."""
-    from fleet_common.agents import service as agents
-    from fleet_common.db import Database
-
-    db = Database(db_url, pool_size=1)
-    try:
-        with db.session() as session:
-            return [
-                agents.ensure_configured(
-                    session,
-                    host_uid=f"bare-{n}",
-                    name=f"bare-{n}",
-                    host_id="bench",
-                    hostname="bench",
-                    agent_type="none",
-                    capabilities=[],
-                    max_concurrency=1,
-                ).id
-                for n in range(count)
-            ]
-    finally:
-        db.dispose()
 
 
 if __name__ == "__main__":

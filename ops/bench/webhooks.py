@@ -33,7 +33,6 @@ import multiprocessing
 import os
 import resource
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -45,13 +44,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO_ROOT))
+import harness
 
-from fleet_common.forgejo.signatures import sign  # noqa: E402
+from fleet_common.forgejo.signatures import sign
 
-PG_URL = os.environ.get("FLEET_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-REDIS_URL = os.environ.get("FLEET_BENCH_REDIS_URL", "redis://127.0.0.1:6379")
+REPO_ROOT = harness.REPO
 TEMPLATE = REPO_ROOT / "tests" / "forgejo" / "data" / "payloads" / "issues.opened.json"
 SECRET = "bench-secret"
 TRIGGER = "kind/bug"  # a label the template's issue carries
@@ -67,12 +64,6 @@ def log(message: str) -> None:
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _cpu(pid: int) -> tuple[int, float]:
@@ -113,7 +104,7 @@ def backends_cpu(database_url: str) -> float:
     import psycopg
 
     name = database_url.rsplit("/", 1)[1]
-    with psycopg.connect(PG_URL, autocommit=True) as conn:
+    with psycopg.connect(harness.PG_ADMIN_URL, autocommit=True) as conn:
         pids = conn.execute(
             "SELECT pid FROM pg_stat_activity WHERE datname = %s", (name,)
         ).fetchall()
@@ -124,46 +115,11 @@ def backends_cpu(database_url: str) -> float:
 
 
 @contextlib.contextmanager
-def scratch_postgres() -> Iterator[str]:
-    import psycopg
-
-    name = f"fleet_bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(PG_URL, autocommit=True, connect_timeout=5) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"{PG_URL.rsplit('/', 1)[0]}/{name}"
-    finally:
-        with psycopg.connect(PG_URL, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-@contextlib.contextmanager
-def scratch_redis() -> Iterator[str]:
-    """An empty Redis database (1-15) of our own, locked like the tests' and flushed after."""
-    import redis
-
-    token = uuid.uuid4().hex
-    for index in range(15, 0, -1):
-        client = redis.Redis.from_url(f"{REDIS_URL}/{index}", socket_timeout=5)
-        if not client.set("fleet-tests:worker:lock", token, nx=True, ex=3600):
-            continue
-        if client.dbsize() == 1:
-            break
-        client.delete("fleet-tests:worker:lock")
-    else:
-        raise RuntimeError(f"no empty Redis database on {REDIS_URL}")
-    try:
-        yield f"{REDIS_URL}/{index}"
-    finally:
-        client.flushdb()
-
-
-@contextlib.contextmanager
 def fleet_api(
     root: Path, database_url: str, broker_url: str, workers: int, writeback: bool = True
 ) -> Iterator[tuple[int, int]]:
     """``fleet api`` on a free port, until the block ends; yields (port, process group)."""
-    port = free_port()
+    port = harness.free_port()
     config = root / "fleet.toml"
     config.write_text("", encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
@@ -355,8 +311,8 @@ def main() -> int:
     count = int(args.rate * args.duration)
     with (
         tempfile.TemporaryDirectory(prefix="fleet-bench-webhooks-") as tmp,
-        scratch_postgres() as database_url,
-        scratch_redis() as broker_url,
+        harness.scratch_postgres() as database_url,
+        harness.scratch_redis() as broker_url,
         fleet_api(Path(tmp), database_url, broker_url, args.workers, not args.no_writeback) as (
             port,
             pgid,

@@ -11,12 +11,6 @@ from tests.fakes.forgejo import FakeForgejo
 
 
 @pytest.fixture
-def fake() -> Iterator[FakeForgejo]:
-    with FakeForgejo() as server:
-        yield server
-
-
-@pytest.fixture
 def client(fake: FakeForgejo) -> Iterator[ForgejoClient]:
     with ForgejoClient(fake.url, fake.token, timeout=5, backoff_factor=0) as api:
         yield api

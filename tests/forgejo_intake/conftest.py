@@ -3,7 +3,6 @@ recording publisher, and a ``Forge`` helper that sends signed deliveries and dri
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,10 +52,10 @@ def forgejo_settings(
 
 
 @pytest.fixture
-def fake() -> Iterator[FakeForgejo]:
-    with FakeForgejo() as server:
-        server.add_repo("alice", "widgets")
-        yield server
+def fake(fake: FakeForgejo) -> FakeForgejo:
+    """The fake Forgejo (tests/conftest.py) with the repository the deliveries come from."""
+    fake.add_repo("alice", "widgets")
+    return fake
 
 
 @pytest.fixture

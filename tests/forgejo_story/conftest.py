@@ -20,12 +20,6 @@ from tests.fakes.forgejo import FakeForgejo
 
 
 @pytest.fixture
-def fake() -> Iterator[FakeForgejo]:
-    with FakeForgejo() as server:
-        yield server
-
-
-@pytest.fixture
 def forgejo(fake: FakeForgejo) -> Iterator[ForgejoClient]:
     with ForgejoClient(fake.url, fake.token, timeout=5, retries=0) as api:
         yield api

@@ -10,12 +10,12 @@ changes still happen, and Forgejo converges to the final state once it answers a
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from fleet_common.tasks.models import Task
+from tests.api_helpers import assert_log_replays
 from tests.e2e.conftest import POSTGRES, SQLITE
 from tests.fakes.forgejo import FakeForgejo
 from tests.forgejo_story.gitrepo import branches
@@ -29,12 +29,6 @@ BACKENDS = [
 STEP_TIMEOUT = 60.0
 #: After an outage: the next retry of a sync (backoff with jitter) or the outbox sweep.
 CONVERGE_TIMEOUT = 60.0
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeForgejo]:
-    with FakeForgejo() as server:
-        yield server
 
 
 def open_labelled_issue(system: ForgejoSystem) -> tuple[int, str]:
@@ -113,6 +107,11 @@ def test_the_whole_story(tmp_path: Path, fake: FakeForgejo, backend_name: str) -
         statuses = [e["to_status"] for e in system.events(task_id)]
         assert statuses[0] == "queued" and statuses[-1] == "completed"
         assert "in_review" in statuses and "running" in statuses
+        # The row is the projection of its log, the PR columns included.
+        with system.db.session() as session:
+            row = session.get_one(Task, task_id)
+            assert (row.pr_number, row.pr_head_sha) == (pr, pull.head_sha)
+        assert_log_replays(system.db)
 
 
 @pytest.mark.parametrize("mode", ["refuse", "503"])
@@ -160,6 +159,7 @@ def test_forgejo_down_mid_story_loses_nothing_and_converges(
         system.wait_for(  # and the task is out of the outbox (marked after the last write)
             lambda: synced(system, task_id), timeout=STEP_TIMEOUT, what="the outbox to empty"
         )
+        assert_log_replays(system.db)
 
 
 def synced(system: ForgejoSystem, task_id: str) -> bool:

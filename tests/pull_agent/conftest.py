@@ -17,6 +17,7 @@ from fleet_common.auth.models import TokenKind
 from fleet_common.db import Database
 from fleet_common.migrate import upgrade
 from fleet_common.settings import Settings, load_settings
+from tests.api_helpers import wait_until
 from tests.pull_agent.harness import (
     FAST,
     Api,
@@ -25,7 +26,6 @@ from tests.pull_agent.harness import (
     Run,
     Sweeper,
     probe_runs,
-    wait_for,
     write_config,
 )
 
@@ -65,7 +65,7 @@ class System:
             return agent_id if agent_id and self.api.agent(agent_id)["status"] == "online" else ""
 
         return str(
-            wait_for(registered, timeout=timeout, what=f"{daemon.name} online", logs=self.logs)
+            wait_until(registered, timeout=timeout, what=f"{daemon.name} online", logs=self.logs)
         )
 
     def runs(self, task_id: str | None = None) -> list[Run]:
@@ -75,7 +75,7 @@ class System:
         return "\n".join(d.tail() for d in self.daemons)
 
     def wait_for(self, condition: Callable[[], Any], *, timeout: float, what: str) -> Any:
-        return wait_for(condition, timeout=timeout, what=what, logs=self.logs)
+        return wait_until(condition, timeout=timeout, what=what, logs=self.logs)
 
     def close(self) -> None:
         for daemon in self.daemons:

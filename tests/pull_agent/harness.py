@@ -20,14 +20,12 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
 import requests
 from werkzeug.serving import BaseWSGIServer, make_server
 
@@ -57,21 +55,6 @@ def clean_env(**extra: str) -> dict[str, str]:
     env.update(extra)
     env["PYTHONUNBUFFERED"] = "1"
     return env
-
-
-def wait_for(
-    condition: Callable[[], Any], *, timeout: float, what: str, logs: Callable[[], str] = str
-) -> Any:
-    """Poll ``condition`` until it returns something truthy; fail naming ``what`` (and showing
-    ``logs()``) after ``timeout`` seconds. Bounds are ceilings, not expected durations."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}\n{logs()}")
-        time.sleep(0.05)
 
 
 # -- the API -----------------------------------------------------------------------------------

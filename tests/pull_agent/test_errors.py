@@ -24,8 +24,9 @@ from fleet_worker.pull_agent import state as agent_state
 from fleet_worker.pull_agent.client import backoff
 from fleet_worker.pull_agent.state import AgentState
 from tests import services
+from tests.api_helpers import wait_until
 from tests.pull_agent.conftest import System, running_system
-from tests.pull_agent.harness import DaemonProcess, wait_for, write_config
+from tests.pull_agent.harness import DaemonProcess, write_config
 
 RETRY = re.compile(r"fleet\.agent: (\S+) failed \(.*\); retrying in ([0-9.]+)s$", re.MULTILINE)
 
@@ -177,7 +178,7 @@ def test_429s_are_retried_after_retry_after_without_crashing(tmp_path: Path) -> 
     config = write_config(tmp_path / "fleet.toml", tmp_path / "probe")
     daemon = DaemonProcess(tmp_path, fake.url, "limited", config=config, join_token="flj_x")
     try:
-        wait_for(
+        wait_until(
             lambda: len(fake.times("tasks/dequeue")) >= 3,
             timeout=60,
             what="three dequeues",
@@ -207,14 +208,14 @@ def test_no_heartbeat_is_in_flight_when_it_deregisters(tmp_path: Path) -> None:
     config = write_config(tmp_path / "fleet.toml", tmp_path / "probe")
     daemon = DaemonProcess(tmp_path, fake.url, "leaving", config=config, join_token="flj_x")
     try:
-        wait_for(
+        wait_until(
             lambda: fake.times("agents/heartbeat:answered"),
             timeout=60,
             what="a heartbeat",
             logs=daemon.tail,
         )
         heartbeats = len(fake.times("agents/heartbeat"))
-        wait_for(
+        wait_until(
             lambda: len(fake.times("agents/heartbeat")) > heartbeats,
             timeout=30,
             what="the next heartbeat to be on its way",
@@ -222,7 +223,7 @@ def test_no_heartbeat_is_in_flight_when_it_deregisters(tmp_path: Path) -> None:
         )
         daemon.signal(signal.SIGTERM)  # while the server is still answering that heartbeat
         assert daemon.wait(30) == 0, daemon.tail()
-        wait_for(
+        wait_until(
             lambda: (
                 len(fake.times("agents/heartbeat:answered")) == len(fake.times("agents/heartbeat"))
             ),

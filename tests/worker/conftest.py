@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -27,6 +26,7 @@ from fleet_common.migrate import upgrade
 from fleet_common.settings import Settings, load_settings
 from fleet_worker.celery_app import FleetCelery, make_celery
 from tests import services
+from tests.api_helpers import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_BEAT = (
@@ -53,21 +53,6 @@ def fleet_env(state_dir: Path, database_url: str, broker_url: str) -> dict[str, 
         "FLEET_BROKER_URL": broker_url,
         **FAST,
     }
-
-
-def wait_for(
-    condition: Callable[[], Any], *, timeout: float, what: str, logs: Callable[[], str] = str
-) -> Any:
-    """Poll ``condition`` until it returns something truthy; fail naming ``what`` after
-    ``timeout`` seconds (bounds are generous: they are ceilings, not expected durations)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}\n{logs()}")
-        time.sleep(0.05)
 
 
 class BeatProcess:
@@ -160,7 +145,7 @@ class Stack:
                 pytest.fail(f"a fleet beat process exited\n{self.logs()}")
             return condition()
 
-        return wait_for(check, timeout=timeout, what=what, logs=self.logs)
+        return wait_until(check, timeout=timeout, what=what, logs=self.logs)
 
 
 @pytest.fixture(scope="module", params=["sqlite+filesystem", "postgres+redis"])

@@ -29,6 +29,7 @@ SWEEP_TASKS = {
     "fleet.sweep.commands",
     "fleet.sweep.logs",
     "fleet.sweep.relay",
+    "fleet.sweep.deliveries",
 }
 
 

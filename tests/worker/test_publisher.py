@@ -19,7 +19,7 @@ from fleet_common.sweeps import Publish
 from fleet_worker.celery_app import make_celery
 from fleet_worker.publisher import DISPATCH_TASK, Publisher, queue_name, wake_queue
 from tests import services
-from tests.worker.conftest import wait_for
+from tests.api_helpers import wait_until
 
 
 def broker_settings(tmp_path: Path, broker_url: str) -> Settings:
@@ -48,7 +48,7 @@ def take(settings: Settings, name: str) -> Any:
     """One message from queue ``name`` (waiting a little for it), or fail."""
     with make_celery(settings).connection_for_read() as connection:
         bound = wake_queue(name)(connection.default_channel)
-        return wait_for(lambda: bound.get(no_ack=True), timeout=10, what=f"a message on {name}")
+        return wait_until(lambda: bound.get(no_ack=True), timeout=10, what=f"a message on {name}")
 
 
 def test_queue_names_follow_assignment_then_requirements() -> None:
@@ -176,7 +176,7 @@ def test_sending_resumes_when_the_broker_comes_back(tmp_path: Path, redis_url: s
                 publisher.flush(timeout=10)
                 return publisher.sent > 0
 
-            wait_for(delivered, timeout=10, what="the publisher to send again")
+            wait_until(delivered, timeout=10, what="the publisher to send again")
             assert take(settings, "fleet.cap.outage").decode()[0] == ["tsk_back"]
         finally:
             proxy.down()

@@ -32,6 +32,7 @@ import psycopg
 
 REPO = Path(__file__).resolve().parents[3]
 PG_ADMIN_URL = os.environ.get("FLEET_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("FLEET_BENCH_REDIS_URL", "redis://127.0.0.1:6379")
 
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -63,20 +64,47 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
+def scratch_postgres(prefix: str = "fleet_bench") -> Iterator[str]:
+    """A new, empty database on the shared server, dropped at the end."""
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextlib.contextmanager
 def scratch_database(prefix: str) -> Iterator[str]:
     """A new database on the shared server, migrated by Alembic, dropped at the end."""
     from fleet_common.migrate import upgrade
 
-    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    try:
+    with scratch_postgres(prefix) as url:
         upgrade(url)
         yield url
+
+
+@contextlib.contextmanager
+def scratch_redis() -> Iterator[str]:
+    """An empty Redis database (1-15) of our own, locked like the tests' and flushed after."""
+    import redis
+
+    token = uuid.uuid4().hex
+    for index in range(15, 0, -1):
+        client = redis.Redis.from_url(f"{REDIS_URL}/{index}", socket_timeout=5)
+        if not client.set("fleet-tests:worker:lock", token, nx=True, ex=3600):
+            continue
+        if client.dbsize() == 1:
+            break
+        client.delete("fleet-tests:worker:lock")
+    else:
+        raise RuntimeError(f"no empty Redis database on {REDIS_URL}")
+    try:
+        yield f"{REDIS_URL}/{index}"
     finally:
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        client.flushdb()
 
 
 def connect(url: str, **kwargs: Any) -> psycopg.Connection[Any]:
@@ -144,6 +172,31 @@ def mint_tokens(url: str, kind: str, count: int) -> list[str]:
             return [
                 auth.mint(session, TokenKind(kind), actor="bench", ttl_secs=86400)[1]
                 for _ in range(count)
+            ]
+    finally:
+        db.dispose()
+
+
+def configured_agents(url: str, prefix: str, count: int, max_concurrency: int) -> list[str]:
+    """``count`` agent rows (``<prefix>-<n>``, no capabilities) for a bare baseline's SQL."""
+    from fleet_common.agents import service as agents
+    from fleet_common.db import Database
+
+    db = Database(url, pool_size=1)
+    try:
+        with db.session() as session:
+            return [
+                agents.ensure_configured(
+                    session,
+                    host_uid=f"{prefix}-{n}",
+                    name=f"{prefix}-{n}",
+                    host_id="bench",
+                    hostname="bench",
+                    agent_type="none",
+                    capabilities=[],
+                    max_concurrency=max_concurrency,
+                ).id
+                for n in range(count)
             ]
     finally:
         db.dispose()
