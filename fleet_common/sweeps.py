@@ -18,7 +18,7 @@ from fleet_common.agents.models import Agent, AgentStatus, DesiredState
 from fleet_common.agents.service import release_tasks
 from fleet_common.auth import audit
 from fleet_common.dispatch.routing import can_serve
-from fleet_common.forgejo.models import WebhookDelivery
+from fleet_common.forgejo.models import UNQUALIFIED, WebhookDelivery
 from fleet_common.settings import OrchestratorSettings, Settings
 from fleet_common.tasks import lease
 from fleet_common.tasks.models import ACTIVE, TERMINAL, Task, TaskLogChunk, TaskStatus
@@ -219,12 +219,15 @@ def expired_logs(session: Session, settings: OrchestratorSettings, now: dt.datet
 
 def expired_deliveries(session: Session, settings: Settings, now: dt.datetime) -> int:
     """Delete the oldest batch of webhook deliveries received more than
-    ``forgejo.delivery_retention_days`` ago (kept until then to dedupe redeliveries)."""
+    ``forgejo.delivery_retention_days`` ago (kept until then to dedupe redeliveries). A
+    delivery that left its issue unqualified is kept: it is how intake remembers that a
+    finished issue's trigger label was removed (:func:`issues.labelled_again`), however long
+    ago; such events are rare (one per label removal)."""
     cutoff = now - dt.timedelta(days=settings.forgejo.delivery_retention_days)
     old = list(
         session.scalars(
             select(WebhookDelivery.id)
-            .where(WebhookDelivery.received_at < cutoff)
+            .where(WebhookDelivery.received_at < cutoff, WebhookDelivery.outcome != UNQUALIFIED)
             .order_by(WebhookDelivery.received_at)
             .limit(settings.orchestrator.sweep_batch_size)
             .with_for_update(skip_locked=True)

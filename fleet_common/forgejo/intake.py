@@ -31,7 +31,7 @@ from fleet_common.db import utcnow
 from fleet_common.errors import FleetError
 from fleet_common.forgejo import health, issues, prs
 from fleet_common.forgejo.events import Delivery, EventKind
-from fleet_common.forgejo.models import WebhookDelivery
+from fleet_common.forgejo.models import UNQUALIFIED, WebhookDelivery
 from fleet_common.forgejo.sql import insert_new, table_of
 from fleet_common.settings import Settings
 from fleet_common.sweeps import Publish
@@ -182,7 +182,7 @@ def _issue_event(
         return IntakeResult("exists", task.id if task else "")
     task = issues.active_task(session, repo, issue.number)
     if task is None and not qualifying and kind in _LABELLING:
-        return IntakeResult(issues.UNQUALIFIED)  # remembered: see issues.labelled_again
+        return IntakeResult(UNQUALIFIED)  # remembered: see issues.labelled_again
     if task is None:
         return IntakeResult("no_task", f"issue #{issue.number}")
     if kind == K.ISSUE_EDITED:

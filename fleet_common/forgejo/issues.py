@@ -28,7 +28,7 @@ from fleet_common.dispatch.routing import (
 from fleet_common.errors import FleetError, InvalidInput
 from fleet_common.forgejo import prs, writeback
 from fleet_common.forgejo.events import IssueInfo
-from fleet_common.forgejo.models import WebhookDelivery
+from fleet_common.forgejo.models import UNQUALIFIED, WebhookDelivery
 from fleet_common.forgejo.sql import insert_new, row_of, table_of
 from fleet_common.settings import ForgejoSettings, Settings
 from fleet_common.sweeps import Publish
@@ -39,9 +39,6 @@ from fleet_common.tasks.state import Reason
 log = logging.getLogger("fleet.forgejo")
 
 DEFAULT_PROMPT_TEMPLATE = "{title}\n\n{body}"
-#: The outcome stored for a label event that leaves an issue without a task unqualified: the
-#: marker :func:`labelled_again` looks for.
-UNQUALIFIED = "unqualified"
 MAX_TITLE = 500
 _INSERT_EVENT = insert(table_of(TaskEvent))
 
@@ -82,7 +79,7 @@ def labelled_again(
     label event since that task ended left the issue unqualified (the label was removed and
     added again). Otherwise (a person tags a finished issue ``priority/high``) nothing starts.
     ``before`` ignores what Fleet learnt at or after that moment (reconcile's list is older).
-    The deliveries are kept ``forgejo.delivery_retention_days``: an older removal is forgotten.
+    The retention sweep keeps these ``unqualified`` deliveries, so no removal is forgotten.
     """
     if latest is None:
         return True

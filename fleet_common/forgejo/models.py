@@ -9,6 +9,11 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from fleet_common.db import Base, utcnow
 
+#: The outcome stored for a label event that leaves an issue without a task unqualified: the
+#: marker :func:`fleet_common.forgejo.issues.labelled_again` looks for (and the retention sweep
+#: keeps).
+UNQUALIFIED = "unqualified"
+
 
 class WebhookDelivery(Base):
     """One accepted delivery. ``delivery_id`` dedupes redeliveries; ``digest`` (SHA-256 of the

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import event, func, select, text
 
 from fleet_common.db import Database, utcnow
-from fleet_common.forgejo.models import WebhookDelivery
+from fleet_common.forgejo.models import UNQUALIFIED, WebhookDelivery
 from fleet_common.settings import Settings
 from fleet_common.sweeps import expired_deliveries
 from tests.fakes.forgejo import load_payload
@@ -107,3 +107,18 @@ def test_the_sweep_reads_the_received_at_index(db: Database, settings: Settings)
         plan = " ".join(str(row) for row in cursor.fetchall())
         connection.rollback()
     assert "ix_webhook_deliveries_received" in plan, plan
+
+
+def test_a_label_removal_is_remembered_past_the_retention(db: Database, settings: Settings) -> None:
+    """The delivery that left an issue unqualified is what makes adding the label back start a
+    new task (``issues.labelled_again``): the sweep keeps it whatever its age."""
+    now = utcnow()
+    store(db, [30, 30], now)
+    with db.session() as session:
+        session.execute(
+            text("UPDATE webhook_deliveries SET outcome = :o WHERE delivery_id = 'd1'"),
+            {"o": UNQUALIFIED},
+        )
+    assert sweep(db, settings, now) == 1
+    assert kept(db) == ["d1"]
+    assert sweep(db, settings, now) == 0
