@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from fleet_common.db import Database, utcnow
 from fleet_common.errors import FleetError, NotFound, StaleLease
 from fleet_common.settings import OrchestratorSettings
-from fleet_common.tasks import lease, logs
+from fleet_common.tasks import lease, lease_sql, logs
 from fleet_common.tasks.state import Reason
 from fleet_worker.attempt import Attempt, LogChunk
 from fleet_worker.outcome import Outcome
@@ -79,6 +79,25 @@ class DbReporter:
             log.warning("task %s: database unavailable; will retry", a.task_id, exc_info=True)
             return True
 
+    def _complete_plain(
+        self, session: Session, outcome: Outcome, last_log: LogChunk | None
+    ) -> bool:
+        """The common completion in one statement (:mod:`fleet_common.tasks.lease_sql`);
+        False when it does not apply and the general path must decide."""
+        if outcome.kind != "complete":
+            return False
+        a = self.attempt
+        return lease_sql.complete_plain(
+            session,
+            a.task_id,
+            a.agent_id,
+            a.lease_token,
+            outcome.receipt or {"exit_code": 0},
+            None if last_log is None else (last_log.seq, last_log.text),
+            max_bytes=self.orchestrator.max_log_bytes,
+            now=utcnow(),
+        )
+
     def finish(self, outcome: Outcome, last_log: LogChunk | None = None) -> None:
         """Store ``last_log`` and report the outcome in one transaction; retried through a
         short database outage (the lease sweep acts if it lasts longer)."""
@@ -92,6 +111,8 @@ class DbReporter:
         while True:
             try:
                 with self.db.session() as session:
+                    if self._complete_plain(session, outcome, last_log):
+                        return
                     held = lease.held_task(
                         session, a.task_id, a.agent_id, a.lease_token, now=utcnow()
                     )
