@@ -100,6 +100,12 @@ def start_claimed(session: Session, task: Any, *, now: dt.datetime) -> None:
     _announce(session, session.connection().execute(_START, params).first())
 
 
+def is_plain(receipt: dict[str, Any]) -> bool:
+    """A receipt that completes a task by itself: exit code 0, no pull request."""
+    has_pr = bool(receipt.get("pr_url") or receipt.get("pr_number"))
+    return not has_pr and receipt.get("exit_code", 0) == 0
+
+
 def complete_plain(
     session: Session,
     task_id: str,
@@ -113,8 +119,7 @@ def complete_plain(
 ) -> bool:
     """Complete the task with ``receipt`` and store ``log`` (seq, text) if this is the
     common case (see the module); False, having written nothing, otherwise."""
-    has_pr = bool(receipt.get("pr_url") or receipt.get("pr_number"))
-    if not on_postgresql(session) or has_pr or receipt.get("exit_code", 0) != 0:
+    if not on_postgresql(session) or not is_plain(receipt):
         return False
     state.check_move(TaskStatus.RUNNING, TaskStatus.COMPLETED)
     params: dict[str, Any] = {
