@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from fleet_common.db import Database, utcnow
 from fleet_common.errors import FleetError, NotFound, StaleLease
 from fleet_common.settings import OrchestratorSettings
-from fleet_common.tasks import lease, logs
+from fleet_common.tasks import lease, lease_sql, logs
 from fleet_common.tasks.state import Reason
 from fleet_worker.attempt import Attempt, LogChunk
 from fleet_worker.outcome import Outcome
@@ -79,8 +79,34 @@ class DbReporter:
             log.warning("task %s: database unavailable; will retry", a.task_id, exc_info=True)
             return True
 
+    def _complete_plain(self, outcome: Outcome, last_log: LogChunk | None) -> bool:
+        """The common completion as one statement (:mod:`fleet_common.tasks.lease_sql`), which
+        is atomic on its own, so it runs without a transaction (no BEGIN and COMMIT). Not for
+        a Forgejo task: its write-back is announced by the transactional sessions' commit
+        hook. False when it does not apply and the general path must decide."""
+        a = self.attempt
+        receipt = outcome.receipt or {"exit_code": 0}
+        if (
+            outcome.kind != "complete"
+            or a.issue_number is not None
+            or self.db.dialect != "postgresql"
+            or not lease_sql.is_plain(receipt)
+        ):
+            return False
+        with self.db.session(autocommit=True) as session:
+            return lease_sql.complete_plain(
+                session,
+                a.task_id,
+                a.agent_id,
+                a.lease_token,
+                receipt,
+                None if last_log is None else (last_log.seq, last_log.text),
+                max_bytes=self.orchestrator.max_log_bytes,
+                now=utcnow(),
+            )
+
     def finish(self, outcome: Outcome, last_log: LogChunk | None = None) -> None:
-        """Store ``last_log`` and report the outcome in one transaction; retried through a
+        """Store ``last_log`` and report the outcome atomically; retried through a
         short database outage (the lease sweep acts if it lasts longer)."""
         if outcome.kind == "none":
             if last_log is not None:
@@ -91,6 +117,8 @@ class DbReporter:
         deadline = time.monotonic() + orch.lease_secs
         while True:
             try:
+                if self._complete_plain(outcome, last_log):
+                    return
                 with self.db.session() as session:
                     held = lease.held_task(
                         session, a.task_id, a.agent_id, a.lease_token, now=utcnow()

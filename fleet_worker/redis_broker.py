@@ -9,6 +9,10 @@ task ends (and the late ack of that task fails the same way after the reconnect)
 channel raises a Redis ``ConnectionError`` instead, which kombu and Celery already handle: the
 restore and the ack are skipped and logged, and the worker reconnects. Nothing is lost: the
 message is a wake-up, and Redis restores unacknowledged ones after the visibility timeout.
+
+kombu also builds a new ``redis.Redis`` object (a few hundred response callbacks) for every
+publish and every ack; a client over a connection pool is safe to share between threads, so
+a channel here keeps one per pool (a new pool, after a reconnect, gets a new client).
 """
 
 from __future__ import annotations
@@ -23,6 +27,16 @@ TRANSPORT = "fleet_worker.redis_broker:Transport"
 
 
 class Channel(kombu_redis.Channel):
+    _shared_client: Any = None
+
+    def _create_client(self, asynchronous: bool = False) -> Any:
+        if asynchronous:
+            return super()._create_client(asynchronous=True)
+        client = self._shared_client
+        if client is None or client.connection_pool is not self.pool:
+            client = self._shared_client = super()._create_client()
+        return client
+
     def _connparams(self, asynchronous: bool = False) -> Any:
         if self.connection is None or self.connection.client is None:
             raise redis.ConnectionError("this channel's broker connection was closed")

@@ -7,9 +7,10 @@ that is SIGKILLed leaves no agent running. The signal is set by ``setpriv --pdea
 ``vfork`` (under 1 ms); only where ``setpriv`` is missing is it set by a Python
 ``preexec_fn``, which forces a full ``fork`` of the worker (15-18 ms per spawn).
 
-The parent-death signal reaches the agent only, not the processes the agent started; a small
-reaper next to each agent (a shell in a session of its own, waiting for EOF on a pipe only the
-worker holds) kills the rest of the group when the worker dies, however it dies.
+The parent-death signal reaches the agent only, not the processes the agent started; one
+small reaper per worker process (a shell in a session of its own, reading from a pipe only the
+worker holds the groups to watch, ``+PGID`` and ``-PGID`` lines) kills every group still
+watched when the pipe reaches EOF: when the worker dies, however it dies.
 
 ``PR_SET_PDEATHSIG`` fires when the *thread* that forked the child exits, not the process. A
 run started from a short-lived thread (a thread pool that shrinks, a per-task thread) would
@@ -47,9 +48,19 @@ INHERITED_ENV = ("PATH", "HOME", "LANG")
 
 _PR_SET_PDEATHSIG = 1
 
-#: The reaper: blocks reading a pipe whose write end only the worker holds; the worker's death
-#: closes it, and the reaper kills the agent's process group ("$1").
-_REAPER = 'read -r _; kill -KILL -"$1" 2>/dev/null'
+#: The reaper: reads ``+PGID``/``-PGID`` lines from a pipe whose write end only the worker
+#: holds, keeping the watched groups in ``$g`` (" 12 34 "); the worker's death closes the pipe,
+#: and the reaper kills every group still watched. No command but ``kill`` forks.
+_REAPER = """g=' '
+while read -r line; do
+  p=${line#?}
+  case $line in
+    +*) g="$g$p " ;;
+    -*) case $g in *" $p "*) g="${g%% "$p" *} ${g#* "$p" }" ;; esac ;;
+  esac
+done
+for p in $g; do kill -KILL -"$p" 2>/dev/null; done
+"""
 
 
 def _load_prctl() -> Any:
@@ -149,28 +160,65 @@ def agent_environment(
     return result
 
 
-def _start_reaper(pgid: int) -> subprocess.Popen[bytes] | None:
-    """A process that kills group ``pgid`` when this process dies (see the module docstring)."""
-    try:
-        return subprocess.Popen(
-            ["sh", "-c", _REAPER, "fleet-reaper", str(pgid)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,  # not in the worker's group: a Ctrl-C must not take it first
-            close_fds=True,
-        )
-    except OSError:  # the parent-death signal still stops the agent itself
-        return None
+class _Reaper:
+    """This process's reaper (see the module docstring), started on first use and again in a
+    forked child or if it died."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._popen: subprocess.Popen[bytes] | None = None
+        self._pid = 0  # the process that started it
+
+    def watch(self, pgid: int) -> bool:
+        """Kill group ``pgid`` if this process dies; False if no reaper could be started (the
+        parent-death signal still stops the agent itself)."""
+        return self._send(f"+{pgid}\n", start=True)
+
+    def forget(self, pgid: int) -> None:
+        """The group is gone (its id may be reused): stop watching it."""
+        self._send(f"-{pgid}\n", start=False)
+
+    def _send(self, line: str, *, start: bool) -> bool:
+        with self._lock:
+            popen = self._popen
+            if popen is None or self._pid != os.getpid() or popen.poll() is not None:
+                if not start:
+                    return False
+                popen = self._start()
+                if popen is None:
+                    return False
+            assert popen.stdin is not None
+            try:
+                os.write(popen.stdin.fileno(), line.encode())
+            except OSError:
+                self._popen = None
+                return False
+            return True
+
+    def _start(self) -> subprocess.Popen[bytes] | None:
+        try:
+            self._popen = subprocess.Popen(
+                ["sh", "-c", _REAPER, "fleet-reaper"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,  # not in the worker's group: a Ctrl-C must not take it
+                close_fds=True,
+            )
+        except OSError:
+            self._popen = None
+        self._pid = os.getpid()
+        return self._popen
+
+
+_REAPER_PROCESS = _Reaper()
 
 
 class _LocalProcess(ProcessHandle):
-    def __init__(
-        self, popen: subprocess.Popen[bytes], reaper: subprocess.Popen[bytes] | None = None
-    ) -> None:
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
         assert popen.stdout is not None
         self._popen = popen
-        self._reaper = reaper
+        self._watched = _REAPER_PROCESS.watch(popen.pid)
         self._out = popen.stdout
         os.set_blocking(self._out.fileno(), False)
         self._poll = select.poll()
@@ -210,12 +258,9 @@ class _LocalProcess(ProcessHandle):
             self.kill()
             self._popen.wait()
         self._out.close()
-        if self._reaper is not None:
-            # Killed before it sees EOF: the group is gone and its id may be reused.
-            self._reaper.kill()
-            self._reaper.wait()
-            if self._reaper.stdin is not None:
-                self._reaper.stdin.close()
+        if self._watched:
+            self._watched = False
+            _REAPER_PROCESS.forget(self._popen.pid)
 
 
 class LocalExecutor(Executor):
@@ -269,7 +314,7 @@ class LocalExecutor(Executor):
         except OSError as exc:
             where = f" in {cwd}" if cwd else ""
             raise StartFailed(f"{exc.strerror or exc}{where}") from None
-        return _LocalProcess(popen, _start_reaper(popen.pid))
+        return _LocalProcess(popen)
 
     def dirs(self, step: DirsStep, **run: Any) -> ExecResult:
         """Remove and create the directories in this process: no ``rm``/``mkdir`` to start."""

@@ -197,3 +197,63 @@ def test_a_sigkilled_worker_leaves_no_agent_behind(mode: str) -> None:
         if parent.poll() is None:
             parent.kill()
             parent.wait()
+
+
+GRANDPARENT = textwrap.dedent(
+    """
+    import sys, time
+    from fleet_worker.executors.local import LocalExecutor
+
+    executor = LocalExecutor()
+    done = executor.start(["sh", "-c", "true"], cwd=None, env={})
+    while done.wait(0.1) is None:
+        pass
+    done.close()  # forgotten by the reaper: its group id may be reused
+    for _ in range(2):  # one reaper watches both groups
+        executor.start(["sh", "-c", "sleep 300 & wait"], cwd=None, env={})
+    sys.stdout.write("ready\\n")
+    sys.stdout.flush()
+    time.sleep(300)
+    """
+)
+
+
+def test_a_sigkilled_worker_leaves_none_of_its_agents_children_behind() -> None:
+    parent = subprocess.Popen(
+        [sys.executable, "-c", GRANDPARENT], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert parent.stdout is not None
+        assert parent.stdout.readline() == "ready\n"
+        sleeps = _sleeps_under(parent.pid)
+        assert len(sleeps) == 2, sleeps
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+        wait_until(lambda: not any(map(pid_alive, sleeps)), 5, "the agents' children to die")
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+
+
+def _sleeps_under(root: int) -> list[int]:
+    """The ``sleep 300`` processes among ``root``'s descendants."""
+    found: list[int] = []
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and len(found) < 2:
+        tree = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True)
+        parents: dict[int, int] = {}
+        args: dict[int, str] = {}
+        for row in tree.stdout.splitlines():
+            pid, ppid, *rest = row.split(None, 2)
+            parents[int(pid)] = int(ppid)
+            args[int(pid)] = rest[0] if rest else ""
+        found = []
+        for pid, command in args.items():
+            up = parents.get(pid, 0)
+            while up not in (0, 1, root):
+                up = parents.get(up, 0)
+            if up == root and command == "sleep 300":
+                found.append(pid)
+        time.sleep(0.1)
+    return found

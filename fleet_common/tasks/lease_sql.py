@@ -1,0 +1,148 @@
+"""The lease holder's two hot writes as single PostgreSQL statements: start a claimed task,
+and complete a task with a plain receipt (and its log's last chunk).
+
+Each statement moves the row and appends the event :func:`state.transition` would have
+written (its ``data`` from :func:`state.event_data`), in the caller's transaction. The
+completion covers only the common case (the lease current, exit code 0, no pull request
+involved, the chunk new and within the log's cap); in any other case it writes nothing and
+returns False, and the caller takes the general path (:mod:`fleet_common.tasks.lease`), which
+decides (and refuses) exactly as before. SQLite always takes the general path.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from fleet_common.auth import tokens
+from fleet_common.forgejo import writeback
+from fleet_common.tasks import lease, state
+from fleet_common.tasks.models import TaskStatus
+
+_EVENT_COLUMNS = "task_id, seq, type, from_status, to_status, actor, data, at"
+
+_START = text(
+    f"""
+WITH started AS (
+    UPDATE tasks SET status = 'running', started_at = :now, updated_at = :now,
+        event_seq = event_seq + 1
+    WHERE id = :task_id AND status = 'dispatched'
+    RETURNING id, event_seq, issue_number
+),
+event AS (
+    INSERT INTO task_events ({_EVENT_COLUMNS})
+    SELECT id, event_seq, 'started', 'dispatched', 'running', :actor, CAST(:data AS jsonb), :now
+    FROM started
+)
+SELECT id, issue_number FROM started"""  # noqa: S608
+)
+
+# {room}: the log chunk's condition (new, within the cap) or nothing; {chunk}: its insert.
+_COMPLETE = f"""
+WITH held AS (
+    SELECT id, status, attempt, log_bytes FROM tasks
+    WHERE id = :task_id AND agent_id = :agent_id AND lease_digest = :lease_digest
+      AND status IN ('dispatched', 'running') AND lease_expires_at > :now
+      AND NOT requires_pr {{room}}
+    FOR UPDATE
+),
+done AS (
+    UPDATE tasks SET status = 'completed', receipt = CAST(:receipt AS jsonb),
+        artifacts = COALESCE(tasks.artifacts, CAST('[]' AS jsonb)), updated_at = :now,
+        finished_at = :now, lease_expires_at = NULL, event_seq = tasks.event_seq + 1,
+        log_bytes = tasks.log_bytes + :size
+    FROM held WHERE tasks.id = held.id
+    RETURNING tasks.id, tasks.event_seq, tasks.issue_number, tasks.artifacts,
+        held.status AS from_status, held.attempt, held.log_bytes AS log_offset
+),
+event AS (
+    INSERT INTO task_events ({_EVENT_COLUMNS})
+    SELECT id, event_seq, 'completed', from_status, 'completed', :actor,
+        jsonb_build_object('changes', jsonb_build_object(
+            'receipt', CAST(:receipt AS jsonb), 'artifacts', artifacts)),
+        :now
+    FROM done
+){{chunk}}
+SELECT id, issue_number FROM done"""  # noqa: S608
+_ROOM = """
+      AND log_bytes + :size <= :max_bytes
+      AND NOT EXISTS (SELECT 1 FROM task_log_chunks AS c
+                      WHERE c.task_id = tasks.id AND c.attempt = tasks.attempt AND c.seq = :seq)"""
+_CHUNK = """,
+chunk AS (
+    INSERT INTO task_log_chunks (task_id, attempt, seq, "offset", data, created_at)
+    SELECT id, attempt, :seq, log_offset, :data, :now FROM done
+)"""
+_COMPLETE_QUIET = text(_COMPLETE.format(room="", chunk=""))
+_COMPLETE_WITH_LOG = text(_COMPLETE.format(room=_ROOM, chunk=_CHUNK))
+
+
+def on_postgresql(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def start_claimed(session: Session, task: Any, *, now: dt.datetime) -> None:
+    """Start the task this transaction just claimed (dispatched → running, ``started``)."""
+    if not on_postgresql(session):
+        lease.report_status(session, lease.Held(task, cancelled=False), "running", None, now=now)
+        return
+    state.check_move(TaskStatus.DISPATCHED, TaskStatus.RUNNING)
+    params = {
+        "task_id": task.id,
+        "now": now,
+        "actor": f"agent:{task.agent_id}",
+        "data": json.dumps(state.event_data({}, None)),
+    }
+    _announce(session, session.connection().execute(_START, params).first())
+
+
+def is_plain(receipt: dict[str, Any]) -> bool:
+    """A receipt that completes a task by itself: exit code 0, no pull request."""
+    has_pr = bool(receipt.get("pr_url") or receipt.get("pr_number"))
+    return not has_pr and receipt.get("exit_code", 0) == 0
+
+
+def complete_plain(
+    session: Session,
+    task_id: str,
+    agent_id: str,
+    lease_token: str,
+    receipt: dict[str, Any],
+    log: tuple[int, str] | None,
+    *,
+    max_bytes: int,
+    now: dt.datetime,
+) -> bool:
+    """Complete the task with ``receipt`` and store ``log`` (seq, text) if this is the
+    common case (see the module); False, having written nothing, otherwise."""
+    if not on_postgresql(session) or not is_plain(receipt):
+        return False
+    state.check_move(TaskStatus.RUNNING, TaskStatus.COMPLETED)
+    params: dict[str, Any] = {
+        "task_id": task_id,
+        "agent_id": agent_id,
+        "lease_digest": tokens.digest(lease_token),
+        "now": now,
+        "actor": f"agent:{agent_id}",
+        "receipt": json.dumps(receipt),
+        "size": 0,
+    }
+    statement = _COMPLETE_QUIET
+    if log is not None and log[1]:  # an empty chunk is not stored (logs.append)
+        statement = _COMPLETE_WITH_LOG
+        seq, data = log
+        size = len(data.encode("utf-8", "replace"))
+        params.update(seq=seq, data=data, size=size, max_bytes=max_bytes)
+    row = session.connection().execute(statement, params).first()
+    _announce(session, row)
+    return row is not None
+
+
+def _announce(session: Session, row: Any) -> None:
+    """A Forgejo task's new event, which the write-back's flush hook cannot see."""
+    if row is not None and row.issue_number is not None:
+        writeback.inserted(session, [row.id])

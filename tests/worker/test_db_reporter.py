@@ -1,0 +1,110 @@
+"""A Celery worker's claim, start and finish against the database, on both backends: the
+common completion (one statement on PostgreSQL) and the cases it leaves to the general path
+end as the services would have them, with an event log that replays clean."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fleet_common.db import Database
+from fleet_common.settings import AgentSlotSettings, HostSettings, Settings
+from fleet_common.tasks import lease, logs, replay
+from fleet_common.tasks import service as tasks
+from fleet_common.tasks.models import Task, TaskEvent
+from fleet_worker.attempt import Attempt, LogChunk
+from fleet_worker.db_reporter import DbReporter
+from fleet_worker.executors.local import LocalExecutor
+from fleet_worker.host import HostWorker
+from fleet_worker.outcome import Outcome
+
+
+@pytest.fixture
+def worker(settings: Settings, db: Database, tmp_path: Path) -> HostWorker:
+    host = HostSettings(
+        host_id="h",
+        transport="local",
+        work_dir=str(tmp_path / "work"),
+        agents=(AgentSlotSettings(agent_type="a", capabilities=(), max_concurrency=4),),
+    )
+    worker = HostWorker(settings, host, db, executor=LocalExecutor())
+    worker.register()
+    return worker
+
+
+def claim(worker: HostWorker, db: Database, settings: Settings, **data: Any) -> Attempt:
+    with db.session() as session:
+        body = {"title": "t", **data}
+        tasks.create_task(session, settings, body, actor="admin:test")
+    attempt = worker._claim_in_db(worker.slots[0])
+    assert attempt is not None
+    return attempt
+
+
+def reporter(worker: HostWorker, db: Database, attempt: Attempt) -> DbReporter:
+    return DbReporter(db, worker.settings.orchestrator, attempt, started=True)
+
+
+def state(db: Database, task_id: str) -> tuple[Task, list[str], str]:
+    with db.session() as session:
+        task = session.get(Task, task_id)
+        assert task is not None
+        events = session.query(TaskEvent).filter_by(task_id=task_id).order_by(TaskEvent.seq)
+        types = [event.type for event in events]
+        text = logs.read(session, task, 0).data
+        assert list(replay.verify(session)) == []
+        return task, types, text
+
+
+def test_a_plain_completion_stores_the_log_and_the_receipt(
+    worker: HostWorker, db: Database, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    attempt = claim(worker, db, settings)
+    rep = reporter(worker, db, attempt)
+    assert rep.log(0, "first\n")
+    if db.dialect == "postgresql":  # the one-statement path, not the general one
+
+        def general(*_args: Any, **_kwargs: Any) -> None:
+            raise AssertionError("the general path was taken")
+
+        monkeypatch.setattr(lease, "held_task", general)
+    rep.finish(Outcome("complete", receipt={"exit_code": 0, "summary": "ok"}), LogChunk(1, "é\n"))
+    task, types, text = state(db, attempt.task_id)
+    assert types == ["created", "dispatched", "started", "completed"]
+    assert (task.status, task.receipt, task.artifacts) == (
+        "completed",
+        {"exit_code": 0, "summary": "ok"},
+        [],
+    )
+    assert task.finished_at is not None and task.started_at is not None
+    assert task.lease_expires_at is None
+    assert (text, task.log_bytes) == ("first\né\n", 9)
+
+
+def test_a_completion_with_a_stale_lease_is_refused_and_keeps_nothing(
+    worker: HostWorker, db: Database, settings: Settings
+) -> None:
+    attempt = claim(worker, db, settings)
+    stale = Attempt(**{**attempt.__dict__, "lease_token": "not-the-lease"})
+    reporter(worker, db, stale).finish(Outcome("complete"), LogChunk(0, "zombie\n"))
+    task, types, text = state(db, attempt.task_id)
+    assert (task.status, types[-1], text) == ("running", "started", "")
+
+
+def test_a_failed_exit_code_and_a_log_over_the_cap_take_the_general_path(
+    worker: HostWorker, db: Database, settings: Settings
+) -> None:
+    attempt = claim(worker, db, settings, max_retries=0)
+    rep = reporter(worker, db, attempt)
+    rep.finish(Outcome("complete", receipt={"exit_code": 3}))
+    task, types, _ = state(db, attempt.task_id)
+    assert (task.status, types[-1], task.failure_reason) == ("failed", "failed", "exit_code")
+
+    attempt = claim(worker, db, settings)
+    big = "x" * (settings.orchestrator.max_log_bytes + 10)
+    reporter(worker, db, attempt).finish(Outcome("complete"), LogChunk(0, big))
+    task, types, text = state(db, attempt.task_id)
+    assert (task.status, types[-1]) == ("completed", "completed")
+    assert task.log_bytes == len(big) and text == big  # one chunk: nothing to drop
