@@ -10,6 +10,11 @@ That is what lets :meth:`Publisher.publish` never block or fail: it only appends
 in-memory queue; a background thread sends with a fail-fast connection, and on any broker error
 it logs, drops, and leaves the rest to the relay.
 
+The thread sends everything waiting at once (up to :data:`MAX_BATCH`) through one kombu producer
+batch: on Redis one pipeline, one round trip, for the messages and their Celery ``task-sent``
+events (a request's wake-up and write-back sync, and other requests' messages queued meanwhile).
+A batch that fails is dropped whole, like a single message was.
+
 The same thread sends other messages that a sweep backs up the same way (a :class:`Message`:
 the Forgejo write-back's syncs, re-sent by its outbox sweep).
 """
