@@ -28,7 +28,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,10 +113,31 @@ class Publisher:
         self._down_until = 0.0
         self._outage = False
         self._full_warned = False
+        self._held = threading.local()
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        """Within the block, this thread's :meth:`publish` calls are only collected, and
+        queued all at once at its end: the sending thread then takes them in one batch (a
+        request's wake-up and write-back sync, published by two after-commit hooks)."""
+        if getattr(self._held, "items", None) is not None:  # nested: the outer block queues
+            yield
+            return
+        self._held.items = []
+        try:
+            yield
+        finally:
+            items, self._held.items = self._held.items, None
+            if items:
+                self.publish(items)
 
     def publish(self, items: Iterable[Publish | Message]) -> None:
         """Queue a wake-up (or message) for each item; returns at once whatever the broker's
         state."""
+        held = getattr(self._held, "items", None)
+        if held is not None:
+            held.extend(items)
+            return
         try:
             pending = self._ensure_thread()
         except Exception:  # pragma: no cover - starting a thread can fail only when exhausted
