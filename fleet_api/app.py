@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -53,6 +54,7 @@ def create_app(
     if publisher:
         ctx.publish = publisher.publish
         ctx.broker_check = getattr(publisher, "check", None)
+        ctx.holding = getattr(publisher, "holding", contextlib.nullcontext)
     if settings.forgejo.enabled:
         ctx.pr_check = make_pr_check(settings)
         if sync_publisher:

@@ -10,9 +10,11 @@ request is parsed, so a request without a valid token is 401 whatever its body.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hmac
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
@@ -36,6 +38,8 @@ class FleetContext:
     settings: Settings
     db: Database
     publish: Callable[[list[Publish]], None] = field(default=lambda items: None)
+    # Collects the publisher's messages during a request, sent together at its end.
+    holding: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext
     pr_check: Any = None
     broker_check: Callable[[], str] | None = None
     # Called after commit with the ids of tasks a Forgejo delivery changed (the write-back
@@ -87,17 +91,18 @@ def _run(
 ) -> Any:
     ctx = fleet()
     g.after_commit = []
-    with ctx.db.session(autocommit=single is not None and single()) as s:
-        g.session = s
-        if who is not None:
-            g.principal = authenticate(s, _bearer())
-            if who == "admin" and not g.principal.is_admin:
-                raise Forbidden("this endpoint needs an admin token")
-            if who == "agent" and g.principal.is_admin:
-                raise Forbidden("this endpoint is for agents; use an agent token")
-        result = view(*args, **kwargs)
-    for callback in g.after_commit:
-        callback()
+    with ctx.holding():  # what the request publishes after commit goes out together
+        with ctx.db.session(autocommit=single is not None and single()) as s:
+            g.session = s
+            if who is not None:
+                g.principal = authenticate(s, _bearer())
+                if who == "admin" and not g.principal.is_admin:
+                    raise Forbidden("this endpoint needs an admin token")
+                if who == "agent" and g.principal.is_admin:
+                    raise Forbidden("this endpoint is for agents; use an agent token")
+            result = view(*args, **kwargs)
+        for callback in g.after_commit:
+            callback()
     return result
 
 

@@ -10,6 +10,11 @@ That is what lets :meth:`Publisher.publish` never block or fail: it only appends
 in-memory queue; a background thread sends with a fail-fast connection, and on any broker error
 it logs, drops, and leaves the rest to the relay.
 
+The thread sends everything waiting at once (up to :data:`MAX_BATCH`) through one kombu producer
+batch: on Redis one pipeline, one round trip, for the messages and their Celery ``task-sent``
+events (a request's wake-up and write-back sync, and other requests' messages queued meanwhile).
+A batch that fails is dropped whole, like a single message was.
+
 The same thread sends other messages that a sweep backs up the same way (a :class:`Message`:
 the Forgejo write-back's syncs, re-sent by its outbox sweep).
 """
@@ -17,12 +22,13 @@ the Forgejo write-back's syncs, re-sent by its outbox sweep).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import queue
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +47,9 @@ DEFAULT_MAX_PENDING = 10_000
 #: After a failed send, drop instead of sending for this long: while the broker is down, each
 #: attempt would cost a connect timeout and the relay will re-send everything anyway.
 DEFAULT_COOLDOWN_SECS = 1.0
+
+#: At most this many messages go in one broker round trip.
+MAX_BATCH = 200
 
 _STOP = object()
 
@@ -63,6 +72,12 @@ def wake_queue(name: str) -> Queue:
     queues would bind an exchange named after the queue, and ``:``/``+`` are not valid in an
     exchange name on the filesystem transport."""
     return Queue(name, routing_key=name)
+
+
+@functools.lru_cache(maxsize=4096)
+def _wake_queue(name: str) -> Queue:
+    # Built once per name: publishing binds a copy to the channel, this one is never changed.
+    return wake_queue(name)
 
 
 def queue_name(item: Publish) -> str:
@@ -93,13 +108,36 @@ class Publisher:
         self._pid = os.getpid()
         self._closed = False
         self._connection: Any = None
+        self._producer_: Any = None
+        self._batching = False
         self._down_until = 0.0
         self._outage = False
         self._full_warned = False
+        self._held = threading.local()
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        """Within the block, this thread's :meth:`publish` calls are only collected, and
+        queued all at once at its end: the sending thread then takes them in one batch (a
+        request's wake-up and write-back sync, published by two after-commit hooks)."""
+        if getattr(self._held, "items", None) is not None:  # nested: the outer block queues
+            yield
+            return
+        self._held.items = []
+        try:
+            yield
+        finally:
+            items, self._held.items = self._held.items, None
+            if items:
+                self.publish(items)
 
     def publish(self, items: Iterable[Publish | Message]) -> None:
         """Queue a wake-up (or message) for each item; returns at once whatever the broker's
         state."""
+        held = getattr(self._held, "items", None)
+        if held is not None:
+            held.extend(items)
+            return
         try:
             pending = self._ensure_thread()
         except Exception:  # pragma: no cover - starting a thread can fail only when exhausted
@@ -155,6 +193,7 @@ class Publisher:
                 self._pending = queue.Queue(maxsize=self.max_pending)
                 self._thread = None
                 self._connection = None
+                self._producer_ = None
             if self._closed:
                 return None
             if self._thread is None:
@@ -167,13 +206,23 @@ class Publisher:
     def _run(self, pending: queue.Queue[Any]) -> None:
         try:
             while True:
-                item = pending.get()
+                batch = [pending.get()]
+                # Whatever else is already waiting goes in the same broker round trip.
+                while len(batch) < MAX_BATCH and batch[-1] is not _STOP:
+                    try:
+                        batch.append(pending.get_nowait())
+                    except queue.Empty:
+                        break
+                stop = batch[-1] is _STOP
+                items = batch[:-1] if stop else batch
                 try:
-                    if item is _STOP:
-                        return
-                    self._send(item)
+                    if items:
+                        self._send(items)
                 finally:
-                    pending.task_done()
+                    for _ in batch:
+                        pending.task_done()
+                if stop:
+                    return
         finally:
             self._release_connection()
             # Anything left after close() was never sent.
@@ -186,11 +235,53 @@ class Publisher:
                     self.dropped += 1
                 pending.task_done()
 
-    def _send(self, item: Publish | Message) -> None:
+    def _send(self, items: list[Publish | Message]) -> None:
+        """Send ``items`` on one producer, batched into one round trip where the transport can
+        (Redis: one pipeline for the messages and their task-sent events)."""
         if time.monotonic() < self._down_until:
-            with self._lock:
-                self.dropped += 1
+            self._count(dropped=len(items))
             return
+        sent = refused = 0
+        try:
+            producer = self._producer()
+            with producer.batch():
+                for item in items:
+                    try:
+                        self._send_one(producer, item)
+                    except Exception as exc:
+                        if not self._is_channel_error(exc):
+                            raise
+                        # The broker answered but refused this one message (a queue name it
+                        # cannot store, for instance): the next message may well go through.
+                        refused += 1
+                        self._count(dropped=1)
+                        log.warning("publisher: the broker refused %s: %s", _what(item), exc)
+                        continue
+                    sent += 1
+        except Exception as exc:
+            # A failed batch loses what it buffered; an unbatched send kept what went out.
+            kept = 0 if self._batching else sent
+            self._count(sent=kept, dropped=len(items) - refused - kept)
+            self._release_connection()
+            self._down_until = time.monotonic() + self.cooldown_secs
+            with self._lock:
+                first, self._outage = not self._outage, True
+            if first:
+                log.warning(
+                    "publisher: cannot send %s (%s); dropping messages until the broker "
+                    "answers, the relay and outbox sweeps will re-send them",
+                    _what(items[done]) if (done := sent + refused) < len(items) else "a batch",
+                    exc,
+                )
+            return
+        self._count(sent=sent)
+        with self._lock:
+            recovered, self._outage = self._outage, False
+            self._full_warned = False
+        if recovered:
+            log.info("publisher: the broker answers again")
+
+    def _send_one(self, producer: Any, item: Publish | Message) -> None:
         if isinstance(item, Message):
             name, task, args, options = item.queue, item.task, list(item.args), item.kwargs
             extra: dict[str, Any] = {"expires": item.expires} if item.expires else {}
@@ -202,52 +293,35 @@ class Publisher:
                 {},
                 {},
             )
-        try:
-            if self._connection is None:
-                # max_retries=0: fail at the first refused connect instead of retrying for
-                # broker_connection_timeout; the relay is the retry.
-                self._connection = self.app.connection_for_write(
-                    transport_options={"max_retries": 0}
-                )
-            self.app.send_task(
-                task,
-                args=args,
-                kwargs=options,
-                queue=wake_queue(name),
-                connection=self._connection,
-                retry=False,
-                ignore_result=True,
-                add_to_parent=False,
-                **extra,
+        self.app.send_task(
+            task,
+            args=args,
+            kwargs=options,
+            queue=_wake_queue(name),
+            producer=producer,
+            retry=False,
+            ignore_result=True,
+            add_to_parent=False,
+            **extra,
+        )
+
+    def _producer(self) -> Any:
+        """The producer on this thread's broker connection (made on first use)."""
+        if self._connection is None:
+            # max_retries=0: fail at the first refused connect instead of retrying for
+            # broker_connection_timeout; the relay is the retry. No retry_on_timeout either
+            # (kombu batches publishes only where a pipeline is never replayed).
+            self._connection = self.app.connection_for_write(
+                transport_options={"max_retries": 0, "retry_on_timeout": False}
             )
-        except Exception as exc:
-            refused = self._is_channel_error(exc)
-            self._release_connection()
-            with self._lock:
-                self.dropped += 1
-            if refused:
-                # The broker answered but refused this one message (a queue name it cannot
-                # store, for instance): the next message may well go through.
-                log.warning("publisher: the broker refused %s to %s: %s", _what(item), name, exc)
-                return
-            self._down_until = time.monotonic() + self.cooldown_secs
-            with self._lock:
-                first, self._outage = not self._outage, True
-            if first:
-                log.warning(
-                    "publisher: cannot send %s to %s (%s); dropping messages until the broker "
-                    "answers, the relay and outbox sweeps will re-send them",
-                    _what(item),
-                    name,
-                    exc,
-                )
-            return
+            self._producer_ = self.app.amqp.Producer(self._connection, auto_declare=False)
+            self._batching = bool(self._producer_.supports_batch_publish)
+        return self._producer_
+
+    def _count(self, *, sent: int = 0, dropped: int = 0) -> None:
         with self._lock:
-            self.sent += 1
-            recovered, self._outage = self._outage, False
-            self._full_warned = False
-        if recovered:
-            log.info("publisher: the broker answers again")
+            self.sent += sent
+            self.dropped += dropped
 
     def _is_channel_error(self, exc: Exception) -> bool:
         # kombu re-raises transport errors as OperationalError; the original is the cause.
@@ -256,6 +330,7 @@ class Publisher:
 
     def _release_connection(self) -> None:
         connection, self._connection = self._connection, None
+        self._producer_ = None
         if connection is None:
             return
         try:

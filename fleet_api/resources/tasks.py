@@ -10,7 +10,7 @@ from flask.views import MethodView
 from flask_smorest import Blueprint
 from marshmallow import validate
 
-from fleet_api import context
+from fleet_api import context, lean
 from fleet_api.resources.common import TASK_STATUS, Extended, InSchema, OutSchema
 from fleet_common.errors import InvalidInput
 from fleet_common.sweeps import Publish
@@ -105,6 +105,9 @@ class LogSliceSchema(OutSchema):
     complete = ma.fields.Boolean()
 
 
+_created = lean.dumper(CreatedTaskSchema)
+
+
 def wake(task: Task) -> None:
     """Publish the task's wake-up after this request commits."""
     context.publish_after_commit([Publish(task.id, task.req_key, task.assigned_agent_id)])
@@ -131,7 +134,8 @@ class Tasks(MethodView):
         )
         if created.created:
             wake(created.task)
-        return Extended(created.task, warnings=created.warnings), 201 if created.created else 200
+        reply = _created(Extended(created.task, warnings=created.warnings))
+        return lean.reply(reply, 201 if created.created else 200)
 
     @context.admin
     @blp.arguments(TaskQuerySchema, location="query")

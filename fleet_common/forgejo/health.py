@@ -20,8 +20,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from fleet_common.forgejo.models import IntakeHealth
-from fleet_common.forgejo.sql import insert_for
 from fleet_common.settings import Settings
+from fleet_common.sql import insert_for
 
 MAX_ERROR_CHARS = 2000
 #: How stale ``last_webhook_at`` may be (see the module docstring).

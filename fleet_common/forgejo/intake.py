@@ -32,8 +32,8 @@ from fleet_common.errors import FleetError
 from fleet_common.forgejo import health, issues, prs
 from fleet_common.forgejo.events import Delivery, EventKind
 from fleet_common.forgejo.models import UNQUALIFIED, WebhookDelivery
-from fleet_common.forgejo.sql import insert_new, table_of
 from fleet_common.settings import Settings
+from fleet_common.sql import insert_new, table_of
 from fleet_common.sweeps import Publish
 from fleet_common.tasks.models import TERMINAL, Task, TaskStatus
 

@@ -16,8 +16,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import insert, select
-from sqlalchemy.orm import Session, make_transient_to_detached
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from fleet_common.dispatch.routing import (
     AGENT_LABEL_PREFIX,
@@ -29,18 +29,16 @@ from fleet_common.errors import FleetError, InvalidInput
 from fleet_common.forgejo import prs, writeback
 from fleet_common.forgejo.events import IssueInfo
 from fleet_common.forgejo.models import UNQUALIFIED, WebhookDelivery
-from fleet_common.forgejo.sql import insert_new, row_of, table_of
 from fleet_common.settings import ForgejoSettings, Settings
 from fleet_common.sweeps import Publish
 from fleet_common.tasks import service, state
-from fleet_common.tasks.models import TERMINAL, Task, TaskEvent, TaskStatus
+from fleet_common.tasks.models import TERMINAL, Task, TaskStatus
 from fleet_common.tasks.state import Reason
 
 log = logging.getLogger("fleet.forgejo")
 
 DEFAULT_PROMPT_TEMPLATE = "{title}\n\n{body}"
 MAX_TITLE = 500
-_INSERT_EVENT = insert(table_of(TaskEvent))
 
 
 def qualifying_labels(forgejo: ForgejoSettings, labels: Iterable[str]) -> set[str]:
@@ -191,15 +189,8 @@ def open_task(
         task = service.new_task(settings, data, now=now)
     except FleetError as error:
         return Opened("rejected", None, f"issue #{issue.number}: {error.message}")
-    # Task and creation event are written in Core: the event as the state machine made it.
-    event = state.record_creation(session, task, actor)
-    session.expunge(event)
-    connection = session.connection()
-    if insert_new(connection, Task, row_of(task)) is None:
+    if not service.insert_created(session, task, actor):
         return Opened("exists", active_task(session, repo, issue.number))
-    connection.execute(_INSERT_EVENT, row_of(event))
-    make_transient_to_detached(task)  # the row is stored: the object is now a loaded one
-    session.add(task)
     writeback.inserted(session, [task.id])
     return Opened("created", task)
 

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import String, cast, exc, select, type_coerce
+from sqlalchemy import String, bindparam, cast, exc, insert, select, type_coerce
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, make_transient_to_detached
+from sqlalchemy.orm.attributes import set_committed_value
 
 from fleet_common.agents.models import Agent, DesiredState
-from fleet_common.db import page_of, utcnow
+from fleet_common.db import Prebuilt, page_of, utcnow
 from fleet_common.dispatch.routing import (
     can_serve,
     req_key,
@@ -24,6 +27,7 @@ from fleet_common.dispatch.routing import (
 from fleet_common.errors import Conflict, IllegalTransition, InvalidInput, NotFound
 from fleet_common.ids import new_id
 from fleet_common.settings import Settings
+from fleet_common.sql import insert_new, row_of, table_of
 from fleet_common.tasks import state
 from fleet_common.tasks.models import ACTIVE, TERMINAL, Task, TaskEvent, TaskStatus
 
@@ -49,6 +53,15 @@ _SCALAR_DEFAULTS = [
     for column in Task.__table__.columns
     if column.default is not None and column.default.is_scalar
 ]
+
+
+# The task columns without any default: NULL in a new row unless set.
+_NULL_COLUMNS = [
+    column.key
+    for column in Task.__table__.columns
+    if column.default is None and column.server_default is None
+]
+_INSERT_EVENT = insert(table_of(TaskEvent))
 
 
 @dataclass
@@ -85,7 +98,25 @@ def create_task(
     if assigned is not None:
         _live_agent(session, assigned, "assigned_agent_id")
     warnings = capability_warnings(session, task.requirements, assigned)
-    if idempotency_key is None:
+    if task.issue_number is not None:
+        return _create_watched(session, task, actor, warnings, request_digest)
+    if insert_created(session, task, actor):
+        return Created(task, warnings)
+    # A new task's id is fresh and an API task has no issue: only its Idempotency-Key can
+    # clash, with a concurrent request that committed first. Answer as it did.
+    existing = None if idempotency_key is None else _by_idempotency_key(session, idempotency_key)
+    if existing is None:
+        raise Conflict("the task could not be stored; retry", reason="conflict")
+    return _replay(existing, request_digest)
+
+
+def _create_watched(
+    session: Session, task: Task, actor: str, warnings: list[str], request_digest: str
+) -> Created:
+    """Create a task linked to a Forgejo issue through the unit of work, whose flushes the
+    Forgejo write-back watches to queue the task's sync after commit."""
+    key = task.idempotency_key
+    if key is None:
         session.add(task)
         state.record_creation(session, task, actor)
         session.flush()
@@ -96,11 +127,64 @@ def create_task(
             state.record_creation(session, task, actor)
     except exc.IntegrityError:
         # A concurrent request with the same key won the race: answer as it did.
-        existing = _by_idempotency_key(session, idempotency_key)
+        existing = _by_idempotency_key(session, key)
         if existing is None:
             raise
         return _replay(existing, request_digest)
     return Created(task, warnings)
+
+
+def insert_created(session: Session, task: Task, actor: str) -> bool:
+    """Store a :func:`new_task` and its ``created`` event (as the state machine makes it) with
+    two Core ``INSERT`` statements instead of the unit of work; the task is then a loaded
+    object of the session. False, and nothing written, when a unique constraint refused the
+    task (``ON CONFLICT DO NOTHING``, which waits for a concurrent transaction holding the
+    same key: an issue's active task, an Idempotency-Key)."""
+    event = state.record_creation(session, task, actor)
+    session.expunge(event)
+    row, event_row = row_of(task), row_of(event)
+    connection = session.connection()
+    if connection.dialect.name == "postgresql":
+        # One round trip: the event is inserted for the task the CTE inserted, if any.
+        params = {**row, **{_EVENT + key: value for key, value in event_row.items()}}
+        statement = _insert_both(frozenset(row), frozenset(event_row))
+        if statement.execute(session, params).first() is None:
+            return False
+    else:
+        if insert_new(connection, Task, row) is None:
+            return False
+        connection.execute(_INSERT_EVENT, event_row)
+    make_transient_to_detached(task)  # the row is stored: the object is now a loaded one
+    for key in _NULL_COLUMNS:
+        if key not in row:  # NULL in the row: known, so reading it loads nothing
+            set_committed_value(task, key, None)
+    session.add(task)
+    return True
+
+
+_EVENT = "evt_"  # the event's parameters' prefix (``event_seq`` is a task column)
+
+
+@functools.cache
+def _insert_both(task_keys: frozenset[str], event_keys: frozenset[str]) -> Prebuilt:
+    """PostgreSQL: ``WITH new AS (INSERT task ON CONFLICT DO NOTHING RETURNING id) INSERT
+    event SELECT FROM new RETURNING``: no row when the task was not inserted."""
+    tasks, events = table_of(Task), table_of(TaskEvent)
+    new = (
+        postgresql.insert(tasks)
+        .values({key: bindparam(key, type_=tasks.c[key].type) for key in sorted(task_keys)})
+        .on_conflict_do_nothing()
+        .returning(tasks.c.id)
+        .cte("new_task")
+    )
+    keys = sorted(event_keys - {"task_id"})
+    values = [bindparam(_EVENT + key, type_=events.c[key].type) for key in keys]
+    return Prebuilt(
+        insert(events)
+        .add_cte(new)
+        .from_select(["task_id", *keys], select(new.c.id, *values))
+        .returning(events.c.task_id)
+    )
 
 
 def new_task(settings: Settings, data: dict[str, Any], *, now: dt.datetime) -> Task:
@@ -178,24 +262,41 @@ def capability_warnings(
     One query that stops at the first capable agent: without requirements any live agent will
     do; on PostgreSQL the JSONB containment (``@>``) is checked in the database; SQLite reads
     the candidates' capabilities."""
-    query = select(Agent.capabilities).where(
-        Agent.deleted_at.is_(None), Agent.desired_state != DesiredState.DISABLED
-    )
-    if assigned is not None:
-        query = query.where(Agent.id == assigned)
-    if not requirements:
-        capable = session.scalars(query.limit(1)).first() is not None
-    elif session.get_bind().dialect.name == "postgresql":
-        query = query.where(type_coerce(Agent.capabilities, JSONB).contains(list(requirements)))
-        capable = session.scalars(query.limit(1)).first() is not None
+    if session.get_bind().dialect.name == "postgresql":
+        found = _capable(assigned is not None, bool(requirements)).execute(
+            session, {"assigned": assigned, "requirements": list(requirements)}
+        )
+        capable = found.first() is not None
     else:
-        capable = any(can_serve(caps, requirements) for caps in session.scalars(query))
+        query = _candidates(assigned is not None)
+        rows = session.scalars(query, {"assigned": assigned})
+        capable = any(can_serve(caps, requirements) for caps in rows)
     if capable:
         return []
     needed = ", ".join(requirements) or "none"
     return [
         f"no_capable_agent: no registered agent has the capabilities this task needs ({needed})"
     ]
+
+
+def _candidates(assigned: bool) -> Any:
+    """The capabilities of the agents that may get a new task (``:assigned`` only, if given)."""
+    query = select(Agent.capabilities).where(
+        Agent.deleted_at.is_(None), Agent.desired_state != DesiredState.DISABLED
+    )
+    if assigned:
+        query = query.where(Agent.id == bindparam("assigned", type_=String()))
+    return query
+
+
+@functools.cache
+def _capable(assigned: bool, requirements: bool) -> Prebuilt:
+    """One capable agent, if any (PostgreSQL: ``:requirements`` checked with ``@>``)."""
+    query = _candidates(assigned)
+    if requirements:
+        needed = bindparam("requirements", type_=JSONB())
+        query = query.where(type_coerce(Agent.capabilities, JSONB).contains(needed))
+    return Prebuilt(query.limit(1))
 
 
 def get_task(session: Session, task_id: str, *, for_update: bool = False) -> Task:

@@ -119,6 +119,19 @@ def test_one_refused_message_does_not_stop_the_others(tmp_path: Path) -> None:
     assert take(settings, "fleet.cap.ok").decode()[0] == ["tsk_ok"]
 
 
+def test_what_is_published_while_holding_is_queued_at_the_end(tmp_path: Path) -> None:
+    settings = broker_settings(tmp_path, "filesystem://")
+    with publisher_for(settings) as publisher:
+        with publisher.holding():
+            publisher.publish([Publish("tsk_a", "held", None)])
+            with publisher.holding():  # nested: still held until the outer block ends
+                publisher.publish([Publish("tsk_b", "held", None)])
+            assert publisher.flush(timeout=1) and publisher.sent == 0
+        assert publisher.flush(timeout=10)
+        assert (publisher.sent, publisher.dropped) == (2, 0)
+    assert {take(settings, "fleet.cap.held").decode()[0][0] for _ in range(2)} == {"tsk_a", "tsk_b"}
+
+
 def test_wake_ups_reach_redis(tmp_path: Path, redis_url: str) -> None:
     check_delivery(broker_settings(tmp_path, redis_url))
 

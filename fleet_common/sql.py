@@ -1,6 +1,7 @@
-"""Core statements for the webhook intake's hot path: upserts in the session's dialect, and
-``INSERT … ON CONFLICT DO NOTHING`` built once and executed with the values as parameters (the
-ORM's unit of work and per-call statement building cost more than the database work itself)."""
+"""Core statements for the hot write paths (webhook intake, task creation): upserts in the
+session's dialect, and ``INSERT … ON CONFLICT DO NOTHING`` built once and executed with the
+values as parameters (the ORM's unit of work and per-call statement building cost more than the
+database work itself)."""
 
 from __future__ import annotations
 
