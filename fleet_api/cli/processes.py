@@ -36,7 +36,9 @@ class ApiServer(BaseApplication):
         return create_app(self.settings)
 
 
-def gunicorn_options(settings: Settings, workers: int) -> dict[str, Any]:
+def gunicorn_options(
+    settings: Settings, workers: int, threads: int = THREADS_PER_WORKER
+) -> dict[str, Any]:
     """gunicorn settings for the API: threaded workers so long-polls block nobody."""
     host = settings.server.bind
     host = f"[{host}]" if ":" in host and not host.startswith("[") else host
@@ -44,7 +46,7 @@ def gunicorn_options(settings: Settings, workers: int) -> dict[str, Any]:
         "bind": f"{host}:{settings.server.port}",
         "workers": workers,
         "worker_class": "gthread",
-        "threads": THREADS_PER_WORKER,
+        "threads": threads,
         # gthread's timeout watches the worker process, not a request: 60 s is ample.
         "timeout": 60,
         "graceful_timeout": 35,
@@ -65,7 +67,14 @@ def gunicorn_options(settings: Settings, workers: int) -> dict[str, Any]:
     type=click.IntRange(min=1),
     default=DEFAULT_WORKERS,
     show_default=True,
-    help=f"Worker processes ({THREADS_PER_WORKER} threads each).",
+    help="Worker processes (one per core suits the API's Python work).",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=THREADS_PER_WORKER,
+    show_default=True,
+    help="Threads per worker: each waiting long-poll dequeue (up to 30 s) holds one.",
 )
 @click.option("--access-log", is_flag=True, help="Log every request to stderr.")
 @config_option
@@ -75,6 +84,7 @@ def api_command(
     bind: str | None,
     port: int | None,
     workers: int,
+    threads: int,
     access_log: bool,
     config: str | None,
 ) -> None:
@@ -82,7 +92,7 @@ def api_command(
     server = {key: value for key, value in (("bind", bind), ("port", port)) if value}
     settings = state.settings(config, server=server)
     upgrade_database(settings)
-    options = gunicorn_options(settings, workers)
+    options = gunicorn_options(settings, workers, threads)
     if access_log:
         options["accesslog"] = "-"
     ApiServer(settings, options).run()

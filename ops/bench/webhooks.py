@@ -116,7 +116,12 @@ def backends_cpu(database_url: str) -> float:
 
 @contextlib.contextmanager
 def fleet_api(
-    root: Path, database_url: str, broker_url: str, workers: int, writeback: bool = True
+    root: Path,
+    database_url: str,
+    broker_url: str,
+    workers: int,
+    writeback: bool = True,
+    threads: int | None = None,
 ) -> Iterator[tuple[int, int]]:
     """``fleet api`` on a free port, until the block ends; yields (port, process group)."""
     port = harness.free_port()
@@ -139,6 +144,8 @@ def fleet_api(
     )
     argv = [sys.executable, "-m", "fleet_api.cli", "api", "--port", str(port)]
     argv += ["--workers", str(workers)]
+    if threads:
+        argv += ["--threads", str(threads)]
     log_path = root / "api.log"
     with log_path.open("ab") as out:
         proc = subprocess.Popen(
@@ -303,6 +310,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=6, help="connections per client")
     parser.add_argument("--workers", type=int, default=2, help="gunicorn worker processes")
     parser.add_argument(
+        "--api-threads", type=int, help="threads per gunicorn worker (default: fleet api's)"
+    )
+    parser.add_argument(
         "--no-writeback",
         action="store_true",
         help="no [forgejo] url: intake only, no write-back syncs queued (to compare)",
@@ -313,7 +323,14 @@ def main() -> int:
         tempfile.TemporaryDirectory(prefix="fleet-bench-webhooks-") as tmp,
         harness.scratch_postgres() as database_url,
         harness.scratch_redis() as broker_url,
-        fleet_api(Path(tmp), database_url, broker_url, args.workers, not args.no_writeback) as (
+        fleet_api(
+            Path(tmp),
+            database_url,
+            broker_url,
+            args.workers,
+            not args.no_writeback,
+            args.api_threads,
+        ) as (
             port,
             pgid,
         ),

@@ -101,3 +101,13 @@ def test_fleet_api_migrates_serves_and_long_polls_block_nothing(
     assert listed.exit_code == 0, listed.stderr
     assert "poller" in listed.stdout
     assert elapsed < 2, "a waiting long-poll blocked another request"
+
+
+def test_threads_per_worker_default_to_room_for_long_polls_and_can_be_set() -> None:
+    from fleet_api.cli.processes import THREADS_PER_WORKER, gunicorn_options
+    from fleet_common.settings import load_settings
+
+    settings = load_settings(None, env={})
+    assert gunicorn_options(settings, 2)["threads"] == THREADS_PER_WORKER == 32
+    options = gunicorn_options(settings, 3, 8)
+    assert (options["workers"], options["threads"], options["worker_class"]) == (3, 8, "gthread")
