@@ -11,16 +11,23 @@ Baseline: the same number of processes, each with one psycopg connection, loopin
 ``SELECT id ... FOR UPDATE SKIP LOCKED LIMIT 1`` + ``UPDATE ... SET status = 'dispatched'`` in
 one transaction per claim, on the same schema and the same claim index.
 
-Both claim the same number of queued tasks (no requirements, priority 0). Afterwards the
+Reference (not a target): ``bare_app()`` below, the baseline's two statements behind a bare
+Flask endpoint in the same gunicorn layout, driven by the same HTTP clients. It shows what any
+Flask + gunicorn implementation can reach on this machine, next to the raw SQL loop.
+
+All claim the same number of queued tasks (no requirements, priority 0). Afterwards the
 database is checked for double claims. Run: ``.venv/bin/python ops/bench/claims.py``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import harness
@@ -37,6 +44,34 @@ BASELINE_UPDATE = """
         updated_at = now()
     WHERE id = %s
 """
+HERE = Path(__file__).resolve().parent
+
+
+def bare_app() -> Any:
+    """The reference: the baseline's claim behind a bare Flask endpoint, one psycopg
+    connection per server thread."""
+    import psycopg
+    from flask import Flask, jsonify, request
+
+    url = os.environ["BENCH_DATABASE_URL"]
+    local = threading.local()
+    app = Flask("bare")
+
+    @app.post("/claim")
+    def claim() -> Any:
+        conn = getattr(local, "conn", None)
+        if conn is None:
+            conn = local.conn = psycopg.connect(url, autocommit=True)
+        agent_id = request.get_json()["agent_id"]
+        with conn.transaction():
+            row = conn.execute(BASELINE_CLAIM).fetchone()
+            if row is not None:
+                conn.execute(BASELINE_UPDATE, (agent_id, row[0]))
+        if row is None:
+            return "", 204
+        return jsonify(task={"id": row[0]})
+
+    return app
 
 
 def _queued_left(conn: Any) -> int:
@@ -69,38 +104,44 @@ def baseline_client(db_url: str, agent_id: str, barrier: Any, results: Any) -> N
     results.put(outcome)
 
 
-def fleet_client(
+def http_client(
     base_url: str,
     db_url: str,
-    join_token: str,
+    credential: str,
     name: str,
     complete: bool,
     barrier: Any,
     results: Any,
 ) -> None:
+    """``name`` set: Fleet, ``credential`` is a join token; empty: the bare Flask reference,
+    ``credential`` is an agent id."""
     import psycopg
 
     outcome = Outcome([], [], [])
     try:
         http = harness.JsonClient(base_url)
-        status, reply = http.post(
-            "/api/v1/agents/register",
-            {
-                "join_token": join_token,
-                "name": name,
-                "host_uid": name,
-                "capabilities": [],
-                "max_concurrency": 256,
-            },
-        )
-        if status != 201:
-            raise RuntimeError(f"register: {status} {reply}")
-        http.token = reply["agent_token"]
+        if name:
+            status, reply = http.post(
+                "/api/v1/agents/register",
+                {
+                    "join_token": credential,
+                    "name": name,
+                    "host_uid": name,
+                    "capabilities": [],
+                    "max_concurrency": 256,
+                },
+            )
+            if status != 201:
+                raise RuntimeError(f"register: {status} {reply}")
+            http.token = reply["agent_token"]
+            path, body = "/api/v1/tasks/dequeue", {"wait_secs": 0}
+        else:
+            path, body = "/claim", {"agent_id": credential}
         db = psycopg.connect(db_url, autocommit=True)
         barrier.wait(600)
         while True:
             started = time.perf_counter()
-            status, reply = http.post("/api/v1/tasks/dequeue", {"wait_secs": 0})
+            status, reply = http.post(path, body)
             outcome.latencies.append(time.perf_counter() - started)
             outcome.requests += 1
             if status == 200:
@@ -193,6 +234,7 @@ def main() -> None:
                 + (" then /complete" if args.complete else " (no complete)")
             ),
             "baseline": "psycopg, SELECT ... FOR UPDATE SKIP LOCKED LIMIT 1 + UPDATE, 1 tx/claim",
+            "reference": "the baseline tx behind a bare Flask POST /claim, same gunicorn",
             "rounds": args.rounds,
         },
     )
@@ -200,10 +242,13 @@ def main() -> None:
         agent_ids = harness.configured_agents(db_url, "baseline", args.clients, 1_000_000)
         state_dir = tempfile.mkdtemp(prefix="bench-state-")
         env = {"FLEET_DATABASE_URL": db_url, "FLEET_ORCHESTRATOR_STATE_DIR": state_dir}
-        base_rates, fleet_rates = [], []
-        with harness.Gunicorn(
-            "fleet_api.wsgi:app", env=env, workers=args.workers, threads=args.threads
-        ) as server:
+        bare_env = {"BENCH_DATABASE_URL": db_url}
+        config = {"workers": args.workers, "threads": args.threads}
+        base_rates, flask_rates, fleet_rates = [], [], []
+        with (
+            harness.Gunicorn("fleet_api.wsgi:app", env=env, **config) as server,
+            harness.Gunicorn("claims:bare_app()", env=bare_env, chdir=HERE, **config) as bare,
+        ):
             for round_no in range(1, args.rounds + 1):
                 print(f"-- round {round_no}")
                 harness.reset_tasks(db_url)
@@ -214,16 +259,33 @@ def main() -> None:
                 base_rates.append(report("baseline", outcomes, seconds, args.tasks))
                 print("   " + check_claims(db_url, outcomes, args.tasks, fleet=False))
 
+                flask_rates.append(_flask_round(args, db_url, bare, agent_ids))
                 fleet_rates.append(_fleet_round(args, db_url, server, profile=False))
             if args.profile:
                 print("-- profiled Fleet round (figures not counted)")
                 _fleet_round(args, db_url, server, profile=True)
 
     base, fleet = statistics.median(base_rates), statistics.median(fleet_rates)
+    flask = statistics.median(flask_rates)
     print("== result")
-    print(f"   baseline (bare SQL): {base:.0f} claims/s  (rounds: {_fmt(base_rates)})")
-    print(f"   Fleet (HTTP):        {fleet:.0f} claims/s  (rounds: {_fmt(fleet_rates)})")
+    print(f"   baseline (bare SQL):   {base:.0f} claims/s  (rounds: {_fmt(base_rates)})")
+    print(f"   reference (bare Flask): {flask:.0f} claims/s  (rounds: {_fmt(flask_rates)})")
+    print(f"   Fleet (HTTP):          {fleet:.0f} claims/s  (rounds: {_fmt(fleet_rates)})")
+    print(f"   ratio bare Flask/baseline: {flask / base:.2f}  (the HTTP stack's own ceiling)")
     print(f"   ratio Fleet/baseline: {fleet / base:.2f}  (target >= 0.7)")
+
+
+def _flask_round(args: argparse.Namespace, db_url: str, bare: Any, agent_ids: list[str]) -> float:
+    harness.reset_tasks(db_url)
+    harness.insert_tasks(db_url, args.tasks)
+    cpu_before = bare.workers_cpu()
+    outcomes, seconds = harness.run_clients(
+        http_client, [(bare.url, db_url, a, "", False) for a in agent_ids], timeout=600
+    )
+    rate = report("bare Flask", outcomes, seconds, args.tasks)
+    _cpu_line(bare.workers_cpu() - cpu_before, outcomes)
+    print("   " + check_claims(db_url, outcomes, args.tasks, fleet=False))
+    return rate
 
 
 def _fleet_round(args: argparse.Namespace, db_url: str, server: Any, *, profile: bool) -> float:
@@ -239,7 +301,7 @@ def _fleet_round(args: argparse.Namespace, db_url: str, server: Any, *, profile:
     cpu_before = server.workers_cpu()
 
     outcomes, seconds = harness.run_clients(
-        fleet_client,
+        http_client,
         [
             (server.url, db_url, join, f"bench-{suffix}-{n}", args.complete)
             for n, join in enumerate(joins)
@@ -248,13 +310,16 @@ def _fleet_round(args: argparse.Namespace, db_url: str, server: Any, *, profile:
         on_start=start_profiler if profile else None,
     )
     rate = report("Fleet", outcomes, seconds, args.tasks)
-    requests = sum(o.requests for o in outcomes)
-    cpu = server.workers_cpu() - cpu_before
-    print(f"   API workers used {cpu:.1f} CPU-s = {1000 * cpu / requests:.1f} ms per request")
+    _cpu_line(server.workers_cpu() - cpu_before, outcomes)
     print("   " + check_claims(db_url, outcomes, args.tasks, fleet=True))
     for profiler in profilers:
         print(profiler.summary())
     return rate
+
+
+def _cpu_line(cpu: float, outcomes: list[Outcome]) -> None:
+    requests = sum(o.requests for o in outcomes)
+    print(f"   API workers used {cpu:.1f} CPU-s = {1000 * cpu / requests:.2f} ms per request")
 
 
 def _fmt(values: list[float]) -> str:
