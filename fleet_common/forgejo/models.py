@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import BigInteger, Index, Integer, String, Text
+from sqlalchemy import BigInteger, Index, Integer, String, Text, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from fleet_common.db import Base, utcnow
@@ -34,7 +34,19 @@ class WebhookDelivery(Base):
     task_id: Mapped[str | None] = mapped_column(String(40))
     received_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
-    __table_args__ = (Index("ix_webhook_deliveries_received", "received_at"),)
+    __table_args__ = (
+        Index("ix_webhook_deliveries_received", "received_at"),
+        # The unqualified deliveries the retention sweep keeps, by issue: what
+        # ``issues.labelled_again`` looks up on a label event.
+        Index(
+            "ix_webhook_deliveries_unqualified",
+            "repo",
+            "number",
+            "received_at",
+            postgresql_where=text(f"outcome = '{UNQUALIFIED}'"),
+            sqlite_where=text(f"outcome = '{UNQUALIFIED}'"),
+        ),
+    )
 
 
 class IntakeHealth(Base):
