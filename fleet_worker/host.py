@@ -17,11 +17,11 @@ from fleet_common.agents import commands as agent_commands
 from fleet_common.agents import service as agents
 from fleet_common.agents.models import CommandKind, DesiredState
 from fleet_common.db import Database, utcnow
-from fleet_common.dispatch.claim import claim_for_reply
+from fleet_common.dispatch.claim import claim_and_start
 from fleet_common.dispatch.routing import agent_queue, queue_for_key, servable_keys
 from fleet_common.forgejo.receipts import make_pr_check
 from fleet_common.settings import AgentSlotSettings, HostSettings, Settings
-from fleet_common.tasks import lease, lease_sql
+from fleet_common.tasks import lease
 from fleet_common.tasks.state import Reason
 from fleet_worker.attempt import Attempt, AttemptRun, Control
 from fleet_worker.db_reporter import DbReporter
@@ -217,12 +217,11 @@ class HostWorker:
 
     def _claim_in_db(self, slot: Slot) -> Attempt | None:
         """Claim and start the attempt in one transaction (its ``dispatched`` and ``started``
-        events commit together)."""
+        events commit together; on PostgreSQL one statement writes both)."""
         with self.db.session() as session:
-            claim = claim_for_reply(session, self.settings.orchestrator, slot.agent_id)
+            claim = claim_and_start(session, self.settings.orchestrator, slot.agent_id)
             if claim is None:
                 return None
-            lease_sql.start_claimed(session, claim.task, now=utcnow())
             attempt = Attempt.of(claim.task, claim.lease_token)
         with self._lock:  # once committed (a failed commit claimed nothing)
             slot.running[attempt.task_id] = (attempt, Control())

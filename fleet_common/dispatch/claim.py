@@ -30,8 +30,9 @@ from fleet_common.auth.models import Token
 from fleet_common.auth.service import Principal
 from fleet_common.db import Prebuilt, utcnow
 from fleet_common.dispatch.routing import servable_keys
+from fleet_common.forgejo import writeback
 from fleet_common.settings import OrchestratorSettings
-from fleet_common.tasks import state
+from fleet_common.tasks import lease, state
 from fleet_common.tasks.models import ACTIVE, Task, TaskStatus
 
 T = TypeVar("T")
@@ -69,39 +70,65 @@ _HAS_ROOM = (
     "(SELECT count(*) FROM tasks WHERE agent_id = :agent_id"
     " AND status IN ('dispatched', 'running')) < :capacity"
 )
-# Move the picked row to dispatched and append its event; returns the task row.
+# Move the picked row to dispatched and append its event; returns the task row. {start}:
+# a claim that also starts the task (the worker's, which runs it at once) moves it on to
+# running and appends the ``started`` event too (:data:`_STARTED`), as two statements would.
 _DISPATCH = """
 claimed AS (
     UPDATE tasks SET
-        status = :to_status, agent_id = :agent_id, not_before = NULL, updated_at = :now,
-        event_seq = tasks.event_seq + 1, lease_digest = :lease_digest,
+        status = {status}, agent_id = :agent_id, not_before = NULL, updated_at = :now,
+        event_seq = tasks.event_seq + {moves}, lease_digest = :lease_digest,
         lease_expires_at = :expires_at, dispatched_at = :now,
         deadline_at = :now + (tasks.timeout_secs + :grace) * interval '1 second',
-        cancel_requested = false
+        cancel_requested = false{started_at}
     FROM picked WHERE tasks.id = picked.id
-    RETURNING tasks.*
+    RETURNING {returned}
 ),
 event AS (
     INSERT INTO task_events (task_id, seq, type, from_status, to_status, actor, data, at)
-    SELECT id, event_seq, 'dispatched', :from_status, :to_status, :actor,
+    SELECT id, {dispatched_seq}, 'dispatched', :from_status, :to_status, :actor,
            CAST(:data AS jsonb) || jsonb_build_object('attempt', attempt), :now
-    FROM claimed
+    FROM claimed{start}
 )"""
+_STARTED = """
+    UNION ALL
+    SELECT id, event_seq, 'started', :to_status, 'running', :actor,
+           CAST(:started_data AS jsonb), :now
+    FROM claimed"""
 _TASK_COLUMNS = tuple(Task.__table__.columns)
-_RETURNED = ", ".join(f"claimed.{column.name}" for column in _TASK_COLUMNS)
+#: What a worker that runs the task at once needs of it (``Attempt.of``; ``issue_number`` also
+#: for the Forgejo write-back).
+_RUN_COLUMNS = tuple(
+    Task.__table__.c[name]
+    for name in (
+        "id", "agent_id", "attempt", "prompt", "repo", "clone_url", "timeout_secs", "issue_number"
+    )
+)  # fmt: skip
 
 
-def _claim_statement(picked: str) -> TextualSelect:
+def _claim_statement(picked: str, *, start: bool = False) -> TextualSelect:
     """The claim with ``picked`` (the CTE choosing and locking the row): typed result
     columns, so the result metadata is cached with the compiled statement."""
-    sql = f"WITH {picked},\n{_DISPATCH}\nSELECT {_RETURNED} FROM claimed"
-    return text(sql).columns(*_TASK_COLUMNS)
+    columns = _RUN_COLUMNS if start else _TASK_COLUMNS
+    dispatch = _DISPATCH.format(
+        status="'running'" if start else ":to_status",
+        moves=2 if start else 1,
+        dispatched_seq="event_seq - 1" if start else "event_seq",
+        started_at=", started_at = :now" if start else "",
+        # What the caller reads, and what the events need.
+        returned=", ".join(f"tasks.{c.name}" for c in columns) + ", tasks.event_seq"
+        if start
+        else "tasks.*",
+        start=_STARTED if start else "",
+    )
+    returned = ", ".join(f"claimed.{column.name}" for column in columns)
+    sql = f"WITH {picked},\n{dispatch}\nSELECT {returned} FROM claimed"
+    return text(sql).columns(*columns)
 
 
 # The usual case: lock only the best free head (re-checked once locked: a head claimed
 # since the statement's snapshot no longer matches and is skipped).
-_PG_CLAIM = _claim_statement(
-    f"""
+_PICK_HEAD = f"""
 heads AS ({_HEADS.format(lock="")}),
 picked AS (
     SELECT id FROM tasks
@@ -110,18 +137,19 @@ picked AS (
     ORDER BY {_ORDER} LIMIT 1
     FOR UPDATE SKIP LOCKED
 )"""  # noqa: S608
-)
 # Every head locked by others: walk each queue to its first free row (locking one per
 # queue), as the heads may all be taken.
-_PG_WALK = _claim_statement(
-    f"""
+_PICK_WALKING = f"""
 picked AS (
     SELECT id FROM tasks WHERE id = (
         SELECT c.id FROM ({_HEADS.format(lock="FOR UPDATE SKIP LOCKED")}) AS c
         WHERE {_HAS_ROOM}
         ORDER BY c.priority DESC, c.created_at, c.id LIMIT 1)
 )"""  # noqa: S608
-)
+_PG_CLAIM = _claim_statement(_PICK_HEAD)
+_PG_WALK = _claim_statement(_PICK_WALKING)
+_PG_CLAIM_START = _claim_statement(_PICK_HEAD, start=True)
+_PG_WALK_START = _claim_statement(_PICK_WALKING, start=True)
 # The same, loading the claimed task into the session (built once, like every hot statement).
 _PG_CLAIM_ORM = select(Task).from_statement(_PG_CLAIM).execution_options(populate_existing=True)
 _PG_WALK_ORM = select(Task).from_statement(_PG_WALK).execution_options(populate_existing=True)
@@ -192,6 +220,26 @@ def claim_for_reply(
     return _claim(session, settings, agent_id, None, locked, orm=False)
 
 
+def claim_and_start(
+    session: Session, settings: OrchestratorSettings, agent_id: str
+) -> Claim[Any] | None:
+    """Claim the best eligible task for ``agent_id`` and start it (queued → dispatched →
+    running, both events), for a worker that runs it at once. On PostgreSQL one statement
+    does both and the task comes back as a row of the columns a run needs
+    (:data:`_RUN_COLUMNS`); elsewhere the claim is :func:`claim_next`'s and the start
+    :func:`lease.report_status`'s."""
+    if session.get_bind().dialect.name == "postgresql":
+        claim = _claim(session, settings, agent_id, None, None, orm=False, start=True)
+        if claim is not None and claim.task.issue_number is not None:
+            writeback.inserted(session, [claim.task.id])  # Core writes: tell the write-back
+        return claim
+    claim = claim_next(session, settings, agent_id)
+    if claim is not None:
+        held = lease.Held(claim.task, cancelled=False)
+        lease.report_status(session, held, TaskStatus.RUNNING, None, now=utcnow())
+    return claim
+
+
 def _claim(
     session: Session,
     settings: OrchestratorSettings,
@@ -200,8 +248,11 @@ def _claim(
     locked: Any,
     *,
     orm: bool,
+    start: bool = False,
 ) -> Claim[Any] | None:
     state.check_move(TaskStatus.QUEUED, TaskStatus.DISPATCHED)
+    if start:
+        state.check_move(TaskStatus.DISPATCHED, TaskStatus.RUNNING)
     session.flush()  # Core statements follow
     agent = locked
     if agent is None or agent.id != agent_id:
@@ -236,15 +287,21 @@ def _claim(
             "expires_at": expires,
             "grace": grace,
         }
-        task = _claim_pg(session, params, orm=orm)
+        if start:
+            params["started_data"] = json.dumps(state.event_data({}, None))
+        task = _claim_pg(session, params, orm=orm, start=start)
     else:
         task = _claim_simple(session, agent, keys, now, lease, expires, actor, changes, grace)
     return None if task is None else Claim(task=task, lease_token=lease, expires_at=expires)
 
 
-def _claim_pg(session: Session, params: dict[str, Any], *, orm: bool) -> Any:
+def _claim_pg(session: Session, params: dict[str, Any], *, orm: bool, start: bool) -> Any:
     """The claimed task (an ORM object if ``orm``, else a row), or None."""
-    statements = (_PG_CLAIM_ORM, _PG_WALK_ORM) if orm else (_PG_CLAIM, _PG_WALK)
+    statements: tuple[Any, Any]
+    if start:
+        statements = (_PG_CLAIM_START, _PG_WALK_START)
+    else:
+        statements = (_PG_CLAIM_ORM, _PG_WALK_ORM) if orm else (_PG_CLAIM, _PG_WALK)
     for statement in statements:
         if orm:
             task = session.scalars(statement, params).first()

@@ -1,7 +1,8 @@
-"""The lease holder's two hot writes as single PostgreSQL statements: start a claimed task,
-and complete a task with a plain receipt (and its log's last chunk).
+"""The lease holder's hot write as a single PostgreSQL statement: complete a task with a plain
+receipt (and its log's last chunk). (The worker's start is part of its claim:
+``claim.claim_and_start``.)
 
-Each statement moves the row and appends the event :func:`state.transition` would have
+The statement moves the row and appends the event :func:`state.transition` would have
 written (its ``data`` from :func:`state.event_data`), in the caller's transaction. The
 completion covers only the common case (the lease current, exit code 0, no pull request
 involved, the chunk new and within the log's cap); in any other case it writes nothing and
@@ -20,26 +21,10 @@ from sqlalchemy.orm import Session
 
 from fleet_common.auth import tokens
 from fleet_common.forgejo import writeback
-from fleet_common.tasks import lease, state
+from fleet_common.tasks import state
 from fleet_common.tasks.models import TaskStatus
 
 _EVENT_COLUMNS = "task_id, seq, type, from_status, to_status, actor, data, at"
-
-_START = text(
-    f"""
-WITH started AS (
-    UPDATE tasks SET status = 'running', started_at = :now, updated_at = :now,
-        event_seq = event_seq + 1
-    WHERE id = :task_id AND status = 'dispatched'
-    RETURNING id, event_seq, issue_number
-),
-event AS (
-    INSERT INTO task_events ({_EVENT_COLUMNS})
-    SELECT id, event_seq, 'started', 'dispatched', 'running', :actor, CAST(:data AS jsonb), :now
-    FROM started
-)
-SELECT id, issue_number FROM started"""  # noqa: S608
-)
 
 # {room}: the log chunk's condition (new, within the cap) or nothing; {chunk}: its insert.
 _COMPLETE = f"""
@@ -83,21 +68,6 @@ _COMPLETE_WITH_LOG = text(_COMPLETE.format(room=_ROOM, chunk=_CHUNK))
 
 def on_postgresql(session: Session) -> bool:
     return session.get_bind().dialect.name == "postgresql"
-
-
-def start_claimed(session: Session, task: Any, *, now: dt.datetime) -> None:
-    """Start the task this transaction just claimed (dispatched → running, ``started``)."""
-    if not on_postgresql(session):
-        lease.report_status(session, lease.Held(task, cancelled=False), "running", None, now=now)
-        return
-    state.check_move(TaskStatus.DISPATCHED, TaskStatus.RUNNING)
-    params = {
-        "task_id": task.id,
-        "now": now,
-        "actor": f"agent:{task.agent_id}",
-        "data": json.dumps(state.event_data({}, None)),
-    }
-    _announce(session, session.connection().execute(_START, params).first())
 
 
 def is_plain(receipt: dict[str, Any]) -> bool:

@@ -108,3 +108,23 @@ def test_a_failed_exit_code_and_a_log_over_the_cap_take_the_general_path(
     task, types, text = state(db, attempt.task_id)
     assert (task.status, types[-1]) == ("completed", "completed")
     assert task.log_bytes == len(big) and text == big  # one chunk: nothing to drop
+
+
+def test_the_claim_starts_the_task_with_the_events_two_steps_would_write(
+    worker: HostWorker, db: Database, settings: Settings
+) -> None:
+    attempt = claim(worker, db, settings)
+    task, types, _ = state(db, attempt.task_id)
+    assert (task.status, types) == ("running", ["created", "dispatched", "started"])
+    assert task.started_at >= task.dispatched_at and task.lease_expires_at is not None
+    assert (attempt.agent_id, attempt.attempt) == (task.agent_id, 1)
+    with db.session() as session:
+        events = session.query(TaskEvent).filter_by(task_id=task.id).order_by(TaskEvent.seq)
+        moves = [(e.seq, e.from_status, e.to_status, e.actor, e.data) for e in events][1:]
+    actor = f"agent:{task.agent_id}"
+    changes = {"agent_id": task.agent_id, "not_before": None}
+    dispatched = {"mode": "ssh_cli", "attempt": 1, "changes": changes}
+    assert moves == [
+        (2, "queued", "dispatched", actor, dispatched),
+        (3, "dispatched", "running", actor, {}),
+    ]
