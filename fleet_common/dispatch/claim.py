@@ -2,7 +2,10 @@
 
 The agent row is locked first, so two of its own concurrent dequeues cannot overrun its
 capacity; the capacity is then counted in a later statement, which sees the claims committed
-while we waited for the lock.
+while we waited for the lock. A worker serving its own slots (:func:`claim_and_start`) bounds
+its concurrent claims itself and takes the row's lock shared, so that its claims do not queue
+behind each other's commit; a drain, a deletion or a heartbeat of the agent still waits for
+them, and they for it.
 
 PostgreSQL then claims in one statement (:data:`_PG_CLAIM`): it picks the best unlocked head
 of the queues the agent can serve, locks that one row (``FOR UPDATE SKIP LOCKED``), moves it to
@@ -169,6 +172,9 @@ _AGENT_COLUMNS = (
 _LOCK_AGENT = Prebuilt(
     select(*_AGENT_COLUMNS).where(Agent.id == bindparam("agent_id")).with_for_update()
 )
+_SHARE_AGENT = Prebuilt(
+    select(*_AGENT_COLUMNS).where(Agent.id == bindparam("agent_id")).with_for_update(read=True)
+)
 _LOCK_BY_TOKEN = Prebuilt(
     select(*_AGENT_COLUMNS, *auth.token_columns())
     .where(Agent.id == auth.live_agent_token(Token.agent_id))
@@ -224,10 +230,13 @@ def claim_and_start(
     session: Session, settings: OrchestratorSettings, agent_id: str
 ) -> Claim[Any] | None:
     """Claim the best eligible task for ``agent_id`` and start it (queued → dispatched →
-    running, both events), for a worker that runs it at once. On PostgreSQL one statement
-    does both and the task comes back as a row of the columns a run needs
-    (:data:`_RUN_COLUMNS`); elsewhere the claim is :func:`claim_next`'s and the start
-    :func:`lease.report_status`'s."""
+    running, both events), for a worker that runs it at once and never has more claims in
+    flight for the agent than it has free places (``HostWorker``'s slot accounting): the
+    agent's row is locked shared, so its claims run side by side, and the capacity is counted
+    in the claim's snapshot, which may miss a concurrent claim not yet committed (one the
+    caller counts). On PostgreSQL one statement does both and the task comes back as a row
+    of the columns a run needs (:data:`_RUN_COLUMNS`); elsewhere the claim is
+    :func:`claim_next`'s and the start :func:`lease.report_status`'s."""
     if session.get_bind().dialect.name == "postgresql":
         claim = _claim(session, settings, agent_id, None, None, orm=False, start=True)
         if claim is not None and claim.task.issue_number is not None:
@@ -256,7 +265,8 @@ def _claim(
     session.flush()  # Core statements follow
     agent = locked
     if agent is None or agent.id != agent_id:
-        agent = _LOCK_AGENT.execute(session, {"agent_id": agent_id}).first()
+        lock = _SHARE_AGENT if start else _LOCK_AGENT
+        agent = lock.execute(session, {"agent_id": agent_id}).first()
     if agent is None or not is_eligible(agent):
         return None
     # Read the clock once the agent's lock is ours: a claim never predates what it claims.
