@@ -17,7 +17,7 @@ from fleet_common.agents import commands as agent_commands
 from fleet_common.agents import service as agents
 from fleet_common.agents.models import CommandKind, DesiredState
 from fleet_common.db import Database, utcnow
-from fleet_common.dispatch.claim import claim_and_start
+from fleet_common.dispatch.claim import AgentReading, claim_and_start
 from fleet_common.dispatch.routing import agent_queue, queue_for_key, servable_keys
 from fleet_common.forgejo.receipts import make_pr_check
 from fleet_common.settings import AgentSlotSettings, HostSettings, Settings
@@ -39,6 +39,8 @@ class Slot:
     config: AgentSlotSettings
     agent_id: str = ""
     desired_state: str = DesiredState.ACTIVE
+    #: The agent row as the claims last read it (the claim re-checks it; set by register).
+    reading: AgentReading | None = None
     running: dict[str, tuple[Attempt, Control]] = field(default_factory=dict)
     #: Threads claiming for this slot now, and wake-ups turned away since the slot was full.
     claiming: int = 0
@@ -113,6 +115,7 @@ class HostWorker:
                 )
                 slot.agent_id = agent.id
                 slot.desired_state = agent.desired_state
+                slot.reading = AgentReading.of(agent)
                 agents.release_tasks(
                     session,
                     self.settings.orchestrator,
@@ -216,10 +219,18 @@ class HostWorker:
                 slot.claiming -= 1
 
     def _claim_in_db(self, slot: Slot) -> Attempt | None:
-        """Claim and start the attempt in one transaction (its ``dispatched`` and ``started``
-        events commit together; on PostgreSQL one statement writes both)."""
-        with self.db.session() as session:
-            claim = claim_and_start(session, self.settings.orchestrator, slot.agent_id)
+        """Claim and start the attempt atomically (its ``dispatched`` and ``started`` events
+        commit together; on PostgreSQL one statement, no transaction around it). A claim made
+        with an out-of-date reading of the agent's row claims nothing: it is made again with
+        the row's values."""
+        orch = self.settings.orchestrator
+        with self.db.session(autocommit=True) as session:
+            for _ in range(2):
+                assert slot.reading is not None, "register() first"
+                claim, reading = claim_and_start(session, orch, slot.agent_id, slot.reading)
+                if claim is not None or reading is None or reading == slot.reading:
+                    break
+                slot.reading = reading
             if claim is None:
                 return None
             attempt = Attempt.of(claim.task, claim.lease_token)

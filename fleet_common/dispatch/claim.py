@@ -3,9 +3,9 @@
 The agent row is locked first, so two of its own concurrent dequeues cannot overrun its
 capacity; the capacity is then counted in a later statement, which sees the claims committed
 while we waited for the lock. A worker serving its own slots (:func:`claim_and_start`) bounds
-its concurrent claims itself and takes the row's lock shared, so that its claims do not queue
-behind each other's commit; a drain, a deletion or a heartbeat of the agent still waits for
-them, and they for it.
+its concurrent claims itself and claims in one statement that takes the row's lock shared, so
+that its claims do not queue behind each other's commit; a drain, a deletion or a heartbeat of
+the agent still waits for them, and they for it.
 
 PostgreSQL then claims in one statement (:data:`_PG_CLAIM`): it picks the best unlocked head
 of the queues the agent can serve, locks that one row (``FOR UPDATE SKIP LOCKED``), moves it to
@@ -23,7 +23,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import TextualSelect, bindparam, func, select, text
+from sqlalchemy import Integer, String, TextualSelect, bindparam, column, func, select, text
 from sqlalchemy.orm import Session
 
 from fleet_common.agents.models import Agent, AgentStatus, DesiredState
@@ -31,7 +31,7 @@ from fleet_common.auth import service as auth
 from fleet_common.auth import tokens
 from fleet_common.auth.models import Token
 from fleet_common.auth.service import Principal
-from fleet_common.db import Prebuilt, utcnow
+from fleet_common.db import JSONType, Prebuilt, utcnow
 from fleet_common.dispatch.routing import servable_keys
 from fleet_common.forgejo import writeback
 from fleet_common.settings import OrchestratorSettings
@@ -75,14 +75,15 @@ _HAS_ROOM = (
 )
 # Move the picked row to dispatched and append its event; returns the task row. {start}:
 # a claim that also starts the task (the worker's, which runs it at once) moves it on to
-# running and appends the ``started`` event too (:data:`_STARTED`), as two statements would.
+# running and appends the ``started`` event too (:data:`_STARTED`), as two statements would;
+# its time is the picked row's ``at`` ({at}), never before the task's last change.
 _DISPATCH = """
 claimed AS (
     UPDATE tasks SET
-        status = {status}, agent_id = :agent_id, not_before = NULL, updated_at = :now,
+        status = {status}, agent_id = :agent_id, not_before = NULL, updated_at = {at},
         event_seq = tasks.event_seq + {moves}, lease_digest = :lease_digest,
-        lease_expires_at = :expires_at, dispatched_at = :now,
-        deadline_at = :now + (tasks.timeout_secs + :grace) * interval '1 second',
+        lease_expires_at = {expires}, dispatched_at = {at},
+        deadline_at = {at} + (tasks.timeout_secs + :grace) * interval '1 second',
         cancel_requested = false{started_at}
     FROM picked WHERE tasks.id = picked.id
     RETURNING {returned}
@@ -90,43 +91,79 @@ claimed AS (
 event AS (
     INSERT INTO task_events (task_id, seq, type, from_status, to_status, actor, data, at)
     SELECT id, {dispatched_seq}, 'dispatched', :from_status, :to_status, :actor,
-           CAST(:data AS jsonb) || jsonb_build_object('attempt', attempt), :now
+           CAST(:data AS jsonb) || jsonb_build_object('attempt', attempt), {event_at}
     FROM claimed{start}
 )"""
 _STARTED = """
     UNION ALL
     SELECT id, event_seq, 'started', :to_status, 'running', :actor,
-           CAST(:started_data AS jsonb), :now
+           CAST(:started_data AS jsonb), dispatched_at
     FROM claimed"""
+# The worker's claim is one statement on its own (no transaction around it): it locks the
+# agent's row shared itself, and claims only if the row is eligible and as the worker last
+# read it (the keys, capacity and mode the claim is made with). The row's values come back
+# even when nothing was claimed, so a worker whose reading is out of date learns them.
+_AGENT_SHARED = """
+agent AS (
+    SELECT mode, capabilities, max_concurrency FROM agents
+    WHERE id = :agent_id AND deleted_at IS NULL AND status = 'online'
+      AND desired_state = 'active'
+    FOR SHARE
+),
+known AS (
+    SELECT 1 FROM agent WHERE mode = :mode AND max_concurrency = :capacity
+      AND capabilities = CAST(:capabilities AS jsonb)
+),"""
+_AT = "GREATEST(CAST(:now AS timestamptz), updated_at)"
 _TASK_COLUMNS = tuple(Task.__table__.columns)
 #: What a worker that runs the task at once needs of it (``Attempt.of``; ``issue_number`` also
 #: for the Forgejo write-back).
 _RUN_COLUMNS = tuple(
     Task.__table__.c[name]
     for name in (
-        "id", "agent_id", "attempt", "prompt", "repo", "clone_url", "timeout_secs", "issue_number"
+        "id", "agent_id", "attempt", "prompt", "repo", "clone_url", "timeout_secs",
+        "issue_number", "lease_expires_at",
     )
 )  # fmt: skip
+_AGENT_RETURNED = (
+    column("agent_mode", String),
+    column("agent_capabilities", JSONType),
+    column("agent_max_concurrency", Integer),
+)
 
 
 def _claim_statement(picked: str, *, start: bool = False) -> TextualSelect:
-    """The claim with ``picked`` (the CTE choosing and locking the row): typed result
-    columns, so the result metadata is cached with the compiled statement."""
+    """The claim with ``picked`` (the CTE choosing and locking the row, a template of
+    ``{at}`` and ``{room}``): typed result columns, so the result metadata is cached with the
+    compiled statement."""
     columns = _RUN_COLUMNS if start else _TASK_COLUMNS
+    # What the caller reads, and what the events need.
+    returning = ", ".join(f"tasks.{c.name}" for c in columns) + ", tasks.event_seq"
     dispatch = _DISPATCH.format(
         status="'running'" if start else ":to_status",
+        at="picked.at" if start else ":now",
+        expires="picked.at + :lease_secs * interval '1 second'" if start else ":expires_at",
         moves=2 if start else 1,
         dispatched_seq="event_seq - 1" if start else "event_seq",
-        started_at=", started_at = :now" if start else "",
-        # What the caller reads, and what the events need.
-        returned=", ".join(f"tasks.{c.name}" for c in columns) + ", tasks.event_seq"
-        if start
-        else "tasks.*",
+        started_at=", started_at = picked.at" if start else "",
+        returned=f"{returning}, tasks.dispatched_at" if start else "tasks.*",
+        event_at="dispatched_at" if start else ":now",
         start=_STARTED if start else "",
     )
     returned = ", ".join(f"claimed.{column.name}" for column in columns)
-    sql = f"WITH {picked},\n{dispatch}\nSELECT {returned} FROM claimed"
-    return text(sql).columns(*columns)
+    if not start:
+        picked = picked.format(at="", room=_HAS_ROOM)
+        sql = f"WITH {picked},\n{dispatch}\nSELECT {returned} FROM claimed"
+        return text(sql).columns(*columns)
+    room = f"{_HAS_ROOM} AND EXISTS (SELECT 1 FROM known)"  # noqa: S608
+    picked = picked.format(at=f", {_AT} AS at", room=room)
+    sql = (
+        f"WITH {_AGENT_SHARED}{picked},\n{dispatch}\n"
+        "SELECT agent.mode AS agent_mode, agent.capabilities AS agent_capabilities,"
+        f" agent.max_concurrency AS agent_max_concurrency, {returned}"
+        " FROM agent LEFT JOIN claimed ON true"
+    )
+    return text(sql).columns(*_AGENT_RETURNED, *columns)
 
 
 # The usual case: lock only the best free head (re-checked once locked: a head claimed
@@ -134,9 +171,9 @@ def _claim_statement(picked: str, *, start: bool = False) -> TextualSelect:
 _PICK_HEAD = f"""
 heads AS ({_HEADS.format(lock="")}),
 picked AS (
-    SELECT id FROM tasks
+    SELECT id{{at}} FROM tasks
     WHERE id = ANY(ARRAY(SELECT id FROM heads)) AND {_ELIGIBLE}
-      AND (assigned_agent_id IS NULL OR assigned_agent_id = :agent_id) AND {_HAS_ROOM}
+      AND (assigned_agent_id IS NULL OR assigned_agent_id = :agent_id) AND {{room}}
     ORDER BY {_ORDER} LIMIT 1
     FOR UPDATE SKIP LOCKED
 )"""  # noqa: S608
@@ -144,9 +181,9 @@ picked AS (
 # queue), as the heads may all be taken.
 _PICK_WALKING = f"""
 picked AS (
-    SELECT id FROM tasks WHERE id = (
+    SELECT id{{at}} FROM tasks WHERE id = (
         SELECT c.id FROM ({_HEADS.format(lock="FOR UPDATE SKIP LOCKED")}) AS c
-        WHERE {_HAS_ROOM}
+        WHERE {{room}}
         ORDER BY c.priority DESC, c.created_at, c.id LIMIT 1)
 )"""  # noqa: S608
 _PG_CLAIM = _claim_statement(_PICK_HEAD)
@@ -171,9 +208,6 @@ _AGENT_COLUMNS = (
 )
 _LOCK_AGENT = Prebuilt(
     select(*_AGENT_COLUMNS).where(Agent.id == bindparam("agent_id")).with_for_update()
-)
-_SHARE_AGENT = Prebuilt(
-    select(*_AGENT_COLUMNS).where(Agent.id == bindparam("agent_id")).with_for_update(read=True)
 )
 _LOCK_BY_TOKEN = Prebuilt(
     select(*_AGENT_COLUMNS, *auth.token_columns())
@@ -226,27 +260,68 @@ def claim_for_reply(
     return _claim(session, settings, agent_id, None, locked, orm=False)
 
 
+@dataclass(frozen=True)
+class AgentReading:
+    """What a claim depends on of an agent's row, as its worker last read it."""
+
+    mode: str
+    capabilities: tuple[str, ...]
+    max_concurrency: int
+
+    @classmethod
+    def of(cls, agent: Any) -> AgentReading:
+        return cls(str(agent.mode), tuple(agent.capabilities), int(agent.max_concurrency))
+
+
 def claim_and_start(
-    session: Session, settings: OrchestratorSettings, agent_id: str
-) -> Claim[Any] | None:
+    session: Session, settings: OrchestratorSettings, agent_id: str, reading: AgentReading
+) -> tuple[Claim[Any] | None, AgentReading | None]:
     """Claim the best eligible task for ``agent_id`` and start it (queued → dispatched →
     running, both events), for a worker that runs it at once and never has more claims in
-    flight for the agent than it has free places (``HostWorker``'s slot accounting): the
-    agent's row is locked shared, so its claims run side by side, and the capacity is counted
-    in the claim's snapshot, which may miss a concurrent claim not yet committed (one the
-    caller counts). On PostgreSQL one statement does both and the task comes back as a row
-    of the columns a run needs (:data:`_RUN_COLUMNS`); elsewhere the claim is
-    :func:`claim_next`'s and the start :func:`lease.report_status`'s."""
-    if session.get_bind().dialect.name == "postgresql":
-        claim = _claim(session, settings, agent_id, None, None, orm=False, start=True)
-        if claim is not None and claim.task.issue_number is not None:
-            writeback.inserted(session, [claim.task.id])  # Core writes: tell the write-back
-        return claim
-    claim = claim_next(session, settings, agent_id)
-    if claim is not None:
-        held = lease.Held(claim.task, cancelled=False)
-        lease.report_status(session, held, TaskStatus.RUNNING, None, now=utcnow())
-    return claim
+    flight for the agent than it has free places (``HostWorker``'s slot accounting). Returns
+    the claim (or None) and the agent row's reading now (None: it takes no work).
+
+    On PostgreSQL this is one statement, atomic on its own (``session`` may be an autocommit
+    one): it locks the agent's row shared (a drain, deletion or heartbeat of the agent waits
+    for it, and it for them, but the worker's claims run side by side), claims only if the
+    row is eligible and still as ``reading`` says (else it returns the row's values and
+    claims nothing), and counts the capacity in its snapshot, which may miss a concurrent
+    claim not yet committed (one the caller counts). The task comes back as a row of the
+    columns a run needs (:data:`_RUN_COLUMNS`). Elsewhere the claim is :func:`claim_next`'s
+    and the start :func:`lease.report_status`'s."""
+    if session.get_bind().dialect.name != "postgresql":
+        claim = claim_next(session, settings, agent_id)
+        if claim is not None:
+            held = lease.Held(claim.task, cancelled=False)
+            lease.report_status(session, held, TaskStatus.RUNNING, None, now=utcnow())
+        return claim, reading
+    state.check_move(TaskStatus.QUEUED, TaskStatus.DISPATCHED)
+    state.check_move(TaskStatus.DISPATCHED, TaskStatus.RUNNING)
+    token = tokens.new_lease_token()
+    params = _pg_params(
+        settings, agent_id, reading.mode, reading.capabilities, reading.max_concurrency, token,
+        utcnow(),  # the statement takes the later of this and the task's last change
+    )  # fmt: skip
+    params.update(
+        mode=reading.mode,
+        capabilities=json.dumps(list(reading.capabilities)),
+        lease_secs=settings.lease_secs,
+        started_data=json.dumps(state.event_data({}, None)),
+    )
+    connection = session.connection()
+    for statement in (_PG_CLAIM_START, _PG_WALK_START):
+        row = connection.execute(statement, params).first()
+        if row is None:  # the row is not eligible
+            return None, None
+        now = AgentReading(row.agent_mode, tuple(row.agent_capabilities), row.agent_max_concurrency)
+        if now != reading:
+            return None, now
+        if row.id is not None:
+            if row.issue_number is not None:  # Core writes: tell the Forgejo write-back
+                writeback.inserted(session, [row.id])
+            return Claim(task=row, lease_token=token, expires_at=row.lease_expires_at), now
+        params["depth"] = 1  # the walk stops at each queue's first free row
+    return None, reading
 
 
 def _claim(
@@ -257,61 +332,77 @@ def _claim(
     locked: Any,
     *,
     orm: bool,
-    start: bool = False,
 ) -> Claim[Any] | None:
     state.check_move(TaskStatus.QUEUED, TaskStatus.DISPATCHED)
-    if start:
-        state.check_move(TaskStatus.DISPATCHED, TaskStatus.RUNNING)
     session.flush()  # Core statements follow
     agent = locked
     if agent is None or agent.id != agent_id:
-        lock = _SHARE_AGENT if start else _LOCK_AGENT
-        agent = lock.execute(session, {"agent_id": agent_id}).first()
+        agent = _LOCK_AGENT.execute(session, {"agent_id": agent_id}).first()
     if agent is None or not is_eligible(agent):
         return None
     # Read the clock once the agent's lock is ours: a claim never predates what it claims.
     now = now or utcnow()
-    keys = servable_keys(agent.capabilities, settings.max_requirements)
     lease = tokens.new_lease_token()
     expires = now + dt.timedelta(seconds=settings.lease_secs)
-    # The claiming agent is always the actor: lease fencing tells a zombie (an earlier
-    # holder) from a stranger by these events.
-    actor = f"agent:{agent.id}"
-    changes = {"agent_id": agent.id, "not_before": None}
-    # The worker kills the agent at timeout_secs; the sweep acts a little later, for what a
-    # dead worker could not.
-    grace = min(settings.lease_secs, 30)
     if session.get_bind().dialect.name == "postgresql":
-        params = {
-            "keys": keys,
-            "agent_id": agent.id,
-            "now": now,
-            "capacity": agent.max_concurrency,
-            "depth": max(1, _HEADS_PER_CLAIM // (len(keys) + 1)),
-            "from_status": TaskStatus.QUEUED.value,
-            "to_status": TaskStatus.DISPATCHED.value,
-            "actor": actor,
-            # Without the attempt, which the statement adds from the row.
-            "data": json.dumps(state.event_data(changes, {"mode": agent.mode})),
-            "lease_digest": tokens.digest(lease),
-            "expires_at": expires,
-            "grace": grace,
-        }
-        if start:
-            params["started_data"] = json.dumps(state.event_data({}, None))
-        task = _claim_pg(session, params, orm=orm, start=start)
+        params = _pg_params(
+            settings, agent.id, agent.mode, agent.capabilities, agent.max_concurrency, lease, now
+        )
+        task = _claim_pg(session, params, orm=orm)
     else:
+        keys = servable_keys(agent.capabilities, settings.max_requirements)
+        actor, changes, grace = _actor(agent.id), _changes(agent.id), _grace(settings)
         task = _claim_simple(session, agent, keys, now, lease, expires, actor, changes, grace)
     return None if task is None else Claim(task=task, lease_token=lease, expires_at=expires)
 
 
-def _claim_pg(session: Session, params: dict[str, Any], *, orm: bool, start: bool) -> Any:
+def _actor(agent_id: str) -> str:
+    """The claiming agent is always the actor: lease fencing tells a zombie (an earlier
+    holder) from a stranger by these events."""
+    return f"agent:{agent_id}"
+
+
+def _changes(agent_id: str) -> dict[str, Any]:
+    return {"agent_id": agent_id, "not_before": None}
+
+
+def _grace(settings: OrchestratorSettings) -> int:
+    """The worker kills the agent at timeout_secs; the sweep acts a little later, for what
+    a dead worker could not."""
+    return min(settings.lease_secs, 30)
+
+
+def _pg_params(
+    settings: OrchestratorSettings,
+    agent_id: str,
+    mode: str,
+    capabilities: Any,
+    capacity: int,
+    lease: str,
+    now: dt.datetime,
+) -> dict[str, Any]:
+    """The parameters of the PostgreSQL claim statements."""
+    keys = servable_keys(capabilities, settings.max_requirements)
+    return {
+        "keys": keys,
+        "agent_id": agent_id,
+        "now": now,
+        "capacity": capacity,
+        "depth": max(1, _HEADS_PER_CLAIM // (len(keys) + 1)),
+        "from_status": TaskStatus.QUEUED.value,
+        "to_status": TaskStatus.DISPATCHED.value,
+        "actor": _actor(agent_id),
+        # Without the attempt, which the statement adds from the row.
+        "data": json.dumps(state.event_data(_changes(agent_id), {"mode": mode})),
+        "lease_digest": tokens.digest(lease),
+        "expires_at": now + dt.timedelta(seconds=settings.lease_secs),
+        "grace": _grace(settings),
+    }
+
+
+def _claim_pg(session: Session, params: dict[str, Any], *, orm: bool) -> Any:
     """The claimed task (an ORM object if ``orm``, else a row), or None."""
-    statements: tuple[Any, Any]
-    if start:
-        statements = (_PG_CLAIM_START, _PG_WALK_START)
-    else:
-        statements = (_PG_CLAIM_ORM, _PG_WALK_ORM) if orm else (_PG_CLAIM, _PG_WALK)
+    statements = (_PG_CLAIM_ORM, _PG_WALK_ORM) if orm else (_PG_CLAIM, _PG_WALK)
     for statement in statements:
         if orm:
             task = session.scalars(statement, params).first()

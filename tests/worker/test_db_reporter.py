@@ -4,11 +4,13 @@ end as the services would have them, with an event log that replays clean."""
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from fleet_common.agents import service as agents
 from fleet_common.db import Database
 from fleet_common.settings import AgentSlotSettings, HostSettings, Settings
 from fleet_common.tasks import lease, logs, replay
@@ -128,3 +130,39 @@ def test_the_claim_starts_the_task_with_the_events_two_steps_would_write(
         (2, "queued", "dispatched", actor, dispatched),
         (3, "dispatched", "running", actor, {}),
     ]
+
+
+def test_a_claim_never_predates_the_task_it_claims(
+    worker: HostWorker, db: Database, settings: Settings
+) -> None:
+    """PostgreSQL's one-statement claim reads the clock before its snapshot; it dates the
+    claim at the task's last change if that is later (SQLite reads it under its lock)."""
+    if db.dialect != "postgresql":
+        pytest.skip("PostgreSQL's one-statement claim")
+    with db.session() as session:
+        created = tasks.create_task(session, settings, {"title": "t"}, actor="admin:test")
+        task = session.get(Task, created.task.id)
+        assert task is not None
+        later = task.updated_at + dt.timedelta(minutes=5)  # another machine's clock, ahead
+        task.updated_at = later
+    attempt = worker._claim_in_db(worker.slots[0])
+    assert attempt is not None
+    claimed, _, _ = state(db, attempt.task_id)
+    assert claimed.dispatched_at is not None and claimed.dispatched_at >= later
+
+
+def test_a_drained_slot_claims_nothing_and_a_changed_row_is_claimed_for_as_it_is_now(
+    worker: HostWorker, db: Database, settings: Settings
+) -> None:
+    slot = worker.slots[0]
+    with db.session() as session:
+        tasks.create_task(session, settings, {"title": "t", "labels": ["agent:gpu"]}, actor="a:t")
+        agents.update_agent(session, slot.agent_id, {"desired_state": "draining"}, actor="a:t")
+    assert worker._claim_in_db(slot) is None
+    with db.session() as session:  # an operator gives the slot's agent a capability
+        changes = {"desired_state": "active", "capabilities": ["gpu"]}
+        agents.update_agent(session, slot.agent_id, changes, actor="a:t")
+    attempt = worker._claim_in_db(slot)
+    assert attempt is not None and state(db, attempt.task_id)[0].status == "running"
+    if db.dialect == "postgresql":  # its claim came back with the row's values, then claimed
+        assert slot.reading is not None and slot.reading.capabilities == ("gpu",)
