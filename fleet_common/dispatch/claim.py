@@ -81,17 +81,17 @@ _DISPATCH = """
 claimed AS (
     UPDATE tasks SET
         status = {status}, agent_id = :agent_id, not_before = NULL, updated_at = {at},
-        event_seq = tasks.event_seq + {moves}, lease_digest = :lease_digest,
+        event_seq = tasks.event_seq + {moves}, lease_digest = :claim_digest,
         lease_expires_at = {expires}, dispatched_at = {at},
         deadline_at = {at} + (tasks.timeout_secs + :grace) * interval '1 second',
         cancel_requested = false{started_at}
     FROM picked WHERE tasks.id = picked.id
     RETURNING {returned}
 ),
-event AS (
+claim_events AS (
     INSERT INTO task_events (task_id, seq, type, from_status, to_status, actor, data, at)
     SELECT id, {dispatched_seq}, 'dispatched', :from_status, :to_status, :actor,
-           CAST(:data AS jsonb) || jsonb_build_object('attempt', attempt), {event_at}
+           CAST(:dispatched_data AS jsonb) || jsonb_build_object('attempt', attempt), {event_at}
     FROM claimed{start}
 )"""
 _STARTED = """
@@ -132,14 +132,12 @@ _AGENT_RETURNED = (
 )
 
 
-def _claim_statement(picked: str, *, start: bool = False) -> TextualSelect:
-    """The claim with ``picked`` (the CTE choosing and locking the row, a template of
-    ``{at}`` and ``{room}``): typed result columns, so the result metadata is cached with the
-    compiled statement."""
+def _dispatch(*, start: bool) -> str:
+    """:data:`_DISPATCH` for a claim that starts the task or not."""
     columns = _RUN_COLUMNS if start else _TASK_COLUMNS
     # What the caller reads, and what the events need.
     returning = ", ".join(f"tasks.{c.name}" for c in columns) + ", tasks.event_seq"
-    dispatch = _DISPATCH.format(
+    return _DISPATCH.format(
         status="'running'" if start else ":to_status",
         at="picked.at" if start else ":now",
         expires="picked.at + :lease_secs * interval '1 second'" if start else ":expires_at",
@@ -150,20 +148,39 @@ def _claim_statement(picked: str, *, start: bool = False) -> TextualSelect:
         event_at="dispatched_at" if start else ":now",
         start=_STARTED if start else "",
     )
-    returned = ", ".join(f"claimed.{column.name}" for column in columns)
-    if not start:
-        picked = picked.format(at="", room=_HAS_ROOM)
-        sql = f"WITH {picked},\n{dispatch}\nSELECT {returned} FROM claimed"
-        return text(sql).columns(*columns)
-    room = f"{_HAS_ROOM} AND EXISTS (SELECT 1 FROM known)"  # noqa: S608
+
+
+def _claim_statement(picked: str) -> TextualSelect:
+    """The claim with ``picked`` (the CTE choosing and locking the row, a template of
+    ``{at}`` and ``{room}``): typed result columns, so the result metadata is cached with the
+    compiled statement."""
+    returned = ", ".join(f"claimed.{column.name}" for column in _TASK_COLUMNS)
+    picked = picked.format(at="", room=_HAS_ROOM)
+    sql = f"WITH {picked},\n{_dispatch(start=False)}\nSELECT {returned} FROM claimed"
+    return text(sql).columns(*_TASK_COLUMNS)
+
+
+def started_ctes(picked: str, room: str = _HAS_ROOM) -> str:
+    """The CTEs of the worker's claim (:func:`claim_and_start`), claiming if ``room``."""
+    room = f"{room} AND EXISTS (SELECT 1 FROM known)"  # noqa: S608
     picked = picked.format(at=f", {_AT} AS at", room=room)
-    sql = (
-        f"WITH {_AGENT_SHARED}{picked},\n{dispatch}\n"
-        "SELECT agent.mode AS agent_mode, agent.capabilities AS agent_capabilities,"
-        f" agent.max_concurrency AS agent_max_concurrency, {returned}"
-        " FROM agent LEFT JOIN claimed ON true"
-    )
-    return text(sql).columns(*_AGENT_RETURNED, *columns)
+    return f"{_AGENT_SHARED}{picked},\n{_dispatch(start=True)}"
+
+
+#: What the worker's claim returns: the agent's row (nothing if it takes no work) and the
+#: claimed task's columns (NULL if nothing was claimed).
+STARTED_RESULT = (
+    "agent.mode AS agent_mode, agent.capabilities AS agent_capabilities,"
+    " agent.max_concurrency AS agent_max_concurrency, "
+    + ", ".join(f"claimed.{column.name}" for column in _RUN_COLUMNS)
+)
+STARTED_FROM = "agent LEFT JOIN claimed ON true"
+STARTED_COLUMNS: tuple[Any, ...] = (*_AGENT_RETURNED, *_RUN_COLUMNS)
+
+
+def _started_statement(picked: str) -> TextualSelect:
+    sql = f"WITH {started_ctes(picked)}\nSELECT {STARTED_RESULT} FROM {STARTED_FROM}"
+    return text(sql).columns(*STARTED_COLUMNS)
 
 
 # The usual case: lock only the best free head (re-checked once locked: a head claimed
@@ -188,8 +205,17 @@ picked AS (
 )"""  # noqa: S608
 _PG_CLAIM = _claim_statement(_PICK_HEAD)
 _PG_WALK = _claim_statement(_PICK_WALKING)
-_PG_CLAIM_START = _claim_statement(_PICK_HEAD, start=True)
-_PG_WALK_START = _claim_statement(_PICK_WALKING, start=True)
+_PG_CLAIM_START = _started_statement(_PICK_HEAD)
+_PG_WALK_START = _started_statement(_PICK_WALKING)
+#: The worker's claim as part of its completion's statement (``lease_sql``, whose CTE ``done``
+#: is the completed task, ``:task_id``): only after that completion, and counting the
+#: capacity without the task it completes (still running in the statement's snapshot). The
+#: heads only: a claim that finds them all taken is made again on its own.
+CLAIM_AFTER_COMPLETION = started_ctes(
+    _PICK_HEAD,
+    "(SELECT count(*) FROM tasks WHERE agent_id = :agent_id AND id <> :task_id"
+    " AND status IN ('dispatched', 'running')) < :capacity AND EXISTS (SELECT 1 FROM done)",
+)
 # The same, loading the claimed task into the session (built once, like every hot statement).
 _PG_CLAIM_ORM = select(Task).from_statement(_PG_CLAIM).execution_options(populate_existing=True)
 _PG_WALK_ORM = select(Task).from_statement(_PG_WALK).execution_options(populate_existing=True)
@@ -295,6 +321,21 @@ def claim_and_start(
             held = lease.Held(claim.task, cancelled=False)
             lease.report_status(session, held, TaskStatus.RUNNING, None, now=utcnow())
         return claim, reading
+    params, token = started_params(settings, agent_id, reading)
+    connection = session.connection()
+    for statement in (_PG_CLAIM_START, _PG_WALK_START):
+        row = connection.execute(statement, params).first()
+        claim, now = read_started(session, row, token)
+        if claim is not None or now != reading:
+            return claim, now
+        params["depth"] = 1  # the walk stops at each queue's first free row
+    return None, reading
+
+
+def started_params(
+    settings: OrchestratorSettings, agent_id: str, reading: AgentReading
+) -> tuple[dict[str, Any], str]:
+    """The parameters of the worker's claim (:data:`STARTED_RESULT`), and its lease token."""
     state.check_move(TaskStatus.QUEUED, TaskStatus.DISPATCHED)
     state.check_move(TaskStatus.DISPATCHED, TaskStatus.RUNNING)
     token = tokens.new_lease_token()
@@ -308,20 +349,22 @@ def claim_and_start(
         lease_secs=settings.lease_secs,
         started_data=json.dumps(state.event_data({}, None)),
     )
-    connection = session.connection()
-    for statement in (_PG_CLAIM_START, _PG_WALK_START):
-        row = connection.execute(statement, params).first()
-        if row is None:  # the row is not eligible
-            return None, None
-        now = AgentReading(row.agent_mode, tuple(row.agent_capabilities), row.agent_max_concurrency)
-        if now != reading:
-            return None, now
-        if row.id is not None:
-            if row.issue_number is not None:  # Core writes: tell the Forgejo write-back
-                writeback.inserted(session, [row.id])
-            return Claim(task=row, lease_token=token, expires_at=row.lease_expires_at), now
-        params["depth"] = 1  # the walk stops at each queue's first free row
-    return None, reading
+    return params, token
+
+
+def read_started(
+    session: Session, row: Any, token: str
+) -> tuple[Claim[Any] | None, AgentReading | None]:
+    """The worker's claim from its statement's row (:data:`STARTED_RESULT`; None: the agent
+    takes no work), and the agent's reading."""
+    if row is None or row.agent_mode is None:
+        return None, None
+    reading = AgentReading(row.agent_mode, tuple(row.agent_capabilities), row.agent_max_concurrency)
+    if row.id is None:
+        return None, reading
+    if row.issue_number is not None:  # Core writes: tell the Forgejo write-back
+        writeback.inserted(session, [row.id])
+    return Claim(task=row, lease_token=token, expires_at=row.lease_expires_at), reading
 
 
 def _claim(
@@ -393,8 +436,8 @@ def _pg_params(
         "to_status": TaskStatus.DISPATCHED.value,
         "actor": _actor(agent_id),
         # Without the attempt, which the statement adds from the row.
-        "data": json.dumps(state.event_data(_changes(agent_id), {"mode": mode})),
-        "lease_digest": tokens.digest(lease),
+        "dispatched_data": json.dumps(state.event_data(_changes(agent_id), {"mode": mode})),
+        "claim_digest": tokens.digest(lease),
         "expires_at": now + dt.timedelta(seconds=settings.lease_secs),
         "grace": _grace(settings),
     }
