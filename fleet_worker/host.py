@@ -153,15 +153,19 @@ class HostWorker:
         """Claim and run the best eligible tasks for this host's slots until none is left
         (a wake-up message starts this; duplicates and stale ones find nothing). A wake-up
         from ``queue`` tries only the slots that serve that queue. Returns how many attempts
-        ran."""
+        ran. An attempt's completion claims the next task for its slot in the same statement
+        (on PostgreSQL), which then runs in the place the attempt freed; an attempt that
+        claimed nothing so is followed by a claim of its own, as before."""
         slots = self._slots_for(queue)
         ran = 0
-        while not self.stopping:
-            claimed = self._claim(slots)
+        claimed: tuple[Slot, Attempt] | None = None
+        while claimed is not None or not self.stopping:  # a claimed task runs (or is stopped)
+            claimed = claimed or self._claim(slots)
             if claimed is None:
                 return ran
             slot, attempt = claimed
-            self._run(slot, attempt)
+            following = self._run(slot, attempt)
+            claimed = None if following is None else (slot, following)
             ran += 1
         return ran
 
@@ -238,18 +242,40 @@ class HostWorker:
             slot.running[attempt.task_id] = (attempt, Control())
         return attempt
 
-    def _run(self, slot: Slot, attempt: Attempt) -> None:
+    def _next_claim_reading(self, slot: Slot) -> AgentReading | None:
+        """What a completion in ``slot`` claims its successor with (None: claim nothing)."""
+        if self.stopping or slot.desired_state != DesiredState.ACTIVE:
+            return None
+        return slot.reading
+
+    def _run(self, slot: Slot, attempt: Attempt) -> Attempt | None:
+        """Run ``attempt``; the next attempt its completion claimed for ``slot``, or None."""
         _, control = slot.running[attempt.task_id]
         if self.stopping:
             control.stop(worker_shutdown=True)
+        following = None
         try:
             agent_type = self.settings.agent_types[slot.config.agent_type]
             orch = self.settings.orchestrator
-            reporter = DbReporter(self.db, orch, attempt, pr_check=self.pr_check, started=True)
+            reporter = DbReporter(
+                self.db,
+                orch,
+                attempt,
+                pr_check=self.pr_check,
+                started=True,
+                then_claim=lambda: self._next_claim_reading(slot),
+            )
             AttemptRun(orch, self.host, agent_type, self.executor, attempt, control, reporter).run()
+            if reporter.next_claim is not None:
+                following = Attempt.of(reporter.next_claim.task, reporter.next_claim.lease_token)
+            if reporter.next_reading is not None:
+                slot.reading = reporter.next_reading
         finally:
-            with self._lock:
+            with self._lock:  # the place passes to the next attempt: the slot is never over
                 slot.running.pop(attempt.task_id, None)
+                if following is not None:
+                    slot.running[following.task_id] = (following, Control())
+        return following
 
     # -- heartbeats and commands --------------------------------------------------------
 

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from fleet_common.agents import service as agents
+from fleet_common.auth import tokens
 from fleet_common.db import Database
 from fleet_common.settings import AgentSlotSettings, HostSettings, Settings
 from fleet_common.tasks import lease, logs, replay
@@ -166,3 +167,34 @@ def test_a_drained_slot_claims_nothing_and_a_changed_row_is_claimed_for_as_it_is
     assert attempt is not None and state(db, attempt.task_id)[0].status == "running"
     if db.dialect == "postgresql":  # its claim came back with the row's values, then claimed
         assert slot.reading is not None and slot.reading.capabilities == ("gpu",)
+
+
+def test_a_completion_claims_the_slots_next_task_in_its_place(
+    worker: HostWorker, db: Database, settings: Settings
+) -> None:
+    slot = worker.slots[0]
+    running = [claim(worker, db, settings) for _ in range(slot.config.max_concurrency)]
+    with db.session() as session:
+        nxt = tasks.create_task(session, settings, {"title": "next"}, actor="admin:test").task.id
+    assert worker._claim_in_db(slot) is None  # the slot is full
+
+    stale = Attempt(**{**running[0].__dict__, "lease_token": "not-the-lease"})
+    rep = DbReporter(
+        db, settings.orchestrator, stale, started=True, then_claim=lambda: slot.reading
+    )
+    rep.finish(Outcome("complete"), LogChunk(0, "zombie\n"))
+    assert rep.next_claim is None  # a refused completion claims nothing
+
+    rep = DbReporter(
+        db, settings.orchestrator, running[0], started=True, then_claim=lambda: slot.reading
+    )
+    rep.finish(Outcome("complete"), LogChunk(0, "done\n"))
+    done, types, _ = state(db, running[0].task_id)
+    assert (done.status, types[-1]) == ("completed", "completed")
+    if db.dialect != "postgresql":  # SQLite completes on the general path, alone
+        assert rep.next_claim is None
+        return
+    assert rep.next_claim is not None and rep.next_claim.task.id == nxt
+    claimed, types, _ = state(db, nxt)
+    assert (claimed.status, types) == ("running", ["created", "dispatched", "started"])
+    assert claimed.lease_digest == tokens.digest(rep.next_claim.lease_token)
