@@ -103,7 +103,7 @@ _STARTED = """
 # agent's row shared itself, and claims only if the row is eligible and as the worker last
 # read it (the keys, capacity and mode the claim is made with). The row's values come back
 # even when nothing was claimed, so a worker whose reading is out of date learns them.
-_AGENT_SHARED = """
+AGENT_SHARED = """
 agent AS (
     SELECT mode, capabilities, max_concurrency FROM agents
     WHERE id = :agent_id AND deleted_at IS NULL AND status = 'online'
@@ -160,11 +160,12 @@ def _claim_statement(picked: str) -> TextualSelect:
     return text(sql).columns(*_TASK_COLUMNS)
 
 
-def started_ctes(picked: str, room: str = _HAS_ROOM) -> str:
-    """The CTEs of the worker's claim (:func:`claim_and_start`), claiming if ``room``."""
+def started_ctes(picked: str, room: str = _HAS_ROOM, *, agent: bool = True) -> str:
+    """The CTEs of the worker's claim (:func:`claim_and_start`), claiming if ``room``;
+    without ``agent``, those after :data:`AGENT_SHARED` (for a statement that puts it first)."""
     room = f"{room} AND EXISTS (SELECT 1 FROM known)"  # noqa: S608
     picked = picked.format(at=f", {_AT} AS at", room=room)
-    return f"{_AGENT_SHARED}{picked},\n{_dispatch(start=True)}"
+    return f"{AGENT_SHARED if agent else ''}{picked},\n{_dispatch(start=True)}"
 
 
 #: What the worker's claim returns: the agent's row (nothing if it takes no work) and the
@@ -215,6 +216,7 @@ CLAIM_AFTER_COMPLETION = started_ctes(
     _PICK_HEAD,
     "(SELECT count(*) FROM tasks WHERE agent_id = :agent_id AND id <> :task_id"
     " AND status IN ('dispatched', 'running')) < :capacity AND EXISTS (SELECT 1 FROM done)",
+    agent=False,
 )
 # The same, loading the claimed task into the session (built once, like every hot statement).
 _PG_CLAIM_ORM = select(Task).from_statement(_PG_CLAIM).execution_options(populate_existing=True)

@@ -28,13 +28,17 @@ from fleet_common.tasks.models import TaskStatus
 _EVENT_COLUMNS = "task_id, seq, type, from_status, to_status, actor, data, at"
 
 # {room}: the log chunk's condition (new, within the cap) or nothing; {chunk}: its insert;
-# {then}: the worker's next claim (:data:`claim.CLAIM_AFTER_COMPLETION`) or nothing.
+# {then}: the worker's next claim (:data:`claim.CLAIM_AFTER_COMPLETION`, its agent CTEs
+# {before}) or nothing, and
+# {first}: with it, the agent's row is locked (shared) before the task's row, as a heartbeat
+# locks them (the agent, then its tasks): a scalar subquery, evaluated once the task's row is
+# found and before it is locked.
 _COMPLETE = f"""
-WITH held AS (
+WITH {{before}}held AS (
     SELECT id, status, attempt, log_bytes FROM tasks
     WHERE id = :task_id AND agent_id = :agent_id AND lease_digest = :lease_digest
       AND status IN ('dispatched', 'running') AND lease_expires_at > :now
-      AND NOT requires_pr {{room}}
+      AND NOT requires_pr {{room}}{{first}}
     FOR UPDATE
 ),
 done AS (
@@ -66,8 +70,10 @@ chunk AS (
 )"""
 _DONE = "done.id AS done_id, done.issue_number AS done_issue_number"
 _DONE_COLUMNS = (column("done_id", String), column("done_issue_number", Integer))
-_ALONE = {"then": "", "result": f"{_DONE} FROM done"}
+_ALONE = {"before": "", "then": "", "first": "", "result": f"{_DONE} FROM done"}
 _THEN_CLAIM = {
+    "before": claim.AGENT_SHARED,
+    "first": "\n      AND (SELECT count(*) FROM agent) >= 0",
     "then": f",\n{claim.CLAIM_AFTER_COMPLETION}",
     "result": f"{_DONE}, {claim.STARTED_RESULT} FROM done LEFT JOIN ({claim.STARTED_FROM}) ON true",
 }

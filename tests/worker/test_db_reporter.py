@@ -5,10 +5,13 @@ end as the services would have them, with an event log that replays clean."""
 from __future__ import annotations
 
 import datetime as dt
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import text as sql
 
 from fleet_common.agents import service as agents
 from fleet_common.auth import tokens
@@ -198,3 +201,31 @@ def test_a_completion_claims_the_slots_next_task_in_its_place(
     claimed, types, _ = state(db, nxt)
     assert (claimed.status, types) == ("running", ["created", "dispatched", "started"])
     assert claimed.lease_digest == tokens.digest(rep.next_claim.lease_token)
+
+
+def test_a_completion_that_claims_locks_the_agent_before_its_task_as_a_heartbeat_does(
+    worker: HostWorker, db: Database, settings: Settings
+) -> None:
+    if db.dialect != "postgresql":
+        pytest.skip("PostgreSQL's one-statement completion and claim")
+    slot = worker.slots[0]
+    attempt = claim(worker, db, settings)
+    with db.session() as session:
+        tasks.create_task(session, settings, {"title": "next"}, actor="admin:test")
+    rep = DbReporter(
+        db, settings.orchestrator, attempt, started=True, then_claim=lambda: slot.reading
+    )
+    with db.engine.connect() as heartbeat:  # a heartbeat's order: the agent, then its tasks
+        heartbeat.execute(
+            sql("UPDATE agents SET updated_at = now() WHERE id = :a"), {"a": slot.agent_id}
+        )
+        finishing = threading.Thread(target=rep.finish, args=(Outcome("complete"),))
+        finishing.start()
+        time.sleep(0.5)  # the completion waits for the agent's row, holding no task's row
+        locked = sql("SELECT id FROM tasks WHERE id = :t FOR UPDATE NOWAIT")
+        assert heartbeat.execute(locked, {"t": attempt.task_id}).scalar() == attempt.task_id
+        heartbeat.commit()
+    finishing.join(10)
+    assert not finishing.is_alive()
+    assert rep.next_claim is not None
+    assert state(db, attempt.task_id)[0].status == "completed"
