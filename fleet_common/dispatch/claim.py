@@ -69,10 +69,12 @@ _HEADS = f"""
     ) AS a
 """  # noqa: S608
 # Below the agent's capacity (an InitPlan: evaluated once, before anything is locked).
-_HAS_ROOM = (
-    "(SELECT count(*) FROM tasks WHERE agent_id = :agent_id"
+# {other}: a task not to count (nothing, or one the same statement completes).
+_ROOM = (
+    "(SELECT count(*) FROM tasks WHERE agent_id = :agent_id{other}"
     " AND status IN ('dispatched', 'running')) < :capacity"
 )
+_HAS_ROOM = _ROOM.format(other="")
 # Move the picked row to dispatched and append its event; returns the task row. {start}:
 # a claim that also starts the task (the worker's, which runs it at once) moves it on to
 # running and appends the ``started`` event too (:data:`_STARTED`), as two statements would;
@@ -214,8 +216,7 @@ _PG_WALK_START = _started_statement(_PICK_WALKING)
 #: heads only: a claim that finds them all taken is made again on its own.
 CLAIM_AFTER_COMPLETION = started_ctes(
     _PICK_HEAD,
-    "(SELECT count(*) FROM tasks WHERE agent_id = :agent_id AND id <> :task_id"
-    " AND status IN ('dispatched', 'running')) < :capacity AND EXISTS (SELECT 1 FROM done)",
+    _ROOM.format(other=" AND id <> :task_id") + " AND EXISTS (SELECT 1 FROM done)",  # noqa: S608
     agent=False,
 )
 # The same, loading the claimed task into the session (built once, like every hot statement).
