@@ -213,6 +213,13 @@ class Database:
             self._autocommit = sessionmaker(self._autocommit_engine, expire_on_commit=False)
 
     @property
+    def factories(self) -> tuple[sessionmaker[Session], ...]:
+        """Every session factory of :meth:`session` (the autocommit one if it is apart)."""
+        if self._autocommit is self.sessions:
+            return (self.sessions,)
+        return (self.sessions, self._autocommit)
+
+    @property
     def dialect(self) -> str:
         return self.engine.dialect.name
 

@@ -10,6 +10,8 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from fleet_common.db import Database, utcnow
+from fleet_common.dispatch import claim
+from fleet_common.dispatch.claim import AgentReading, Claim
 from fleet_common.errors import FleetError, NotFound, StaleLease
 from fleet_common.settings import OrchestratorSettings
 from fleet_common.tasks import lease, lease_sql, logs
@@ -32,6 +34,7 @@ class DbReporter:
         *,
         pr_check: lease.PrCheck = lease.no_forge,
         started: bool = False,
+        then_claim: Callable[[], AgentReading | None] | None = None,
     ) -> None:
         self.db = db
         self.orchestrator = orchestrator
@@ -39,6 +42,13 @@ class DbReporter:
         self.pr_check = pr_check  # validates a receipt's PR (fleet_common.forgejo.receipts)
         #: The claim already recorded ``started`` (HostWorker claims and starts in one commit).
         self.started = started
+        #: The agent's reading when the completion should also claim the agent's next task
+        #: (HostWorker: the place this attempt frees goes to it), asked at completion; what
+        #: it claimed, and the agent row's reading it returned, are ``next_claim`` and
+        #: ``next_reading`` (None: no claim was made, or the agent takes no work).
+        self.then_claim = then_claim
+        self.next_claim: Claim[Any] | None = None
+        self.next_reading: AgentReading | None = None
 
     def start(self) -> bool:
         if self.started:
@@ -93,8 +103,12 @@ class DbReporter:
             or not lease_sql.is_plain(receipt)
         ):
             return False
+        then, token = None, ""
+        reading = self.then_claim() if self.then_claim is not None else None
+        if reading is not None:
+            then, token = claim.started_params(self.orchestrator, a.agent_id, reading)
         with self.db.session(autocommit=True) as session:
-            return lease_sql.complete_plain(
+            row = lease_sql.complete_plain(
                 session,
                 a.task_id,
                 a.agent_id,
@@ -103,7 +117,11 @@ class DbReporter:
                 None if last_log is None else (last_log.seq, last_log.text),
                 max_bytes=self.orchestrator.max_log_bytes,
                 now=utcnow(),
+                then_claim=then,
             )
+            if row is not None and then is not None:
+                self.next_claim, self.next_reading = claim.read_started(session, row, token)
+        return row is not None
 
     def finish(self, outcome: Outcome, last_log: LogChunk | None = None) -> None:
         """Store ``last_log`` and report the outcome atomically; retried through a

@@ -17,11 +17,11 @@ from fleet_common.agents import commands as agent_commands
 from fleet_common.agents import service as agents
 from fleet_common.agents.models import CommandKind, DesiredState
 from fleet_common.db import Database, utcnow
-from fleet_common.dispatch.claim import claim_for_reply
+from fleet_common.dispatch.claim import AgentReading, claim_and_start
 from fleet_common.dispatch.routing import agent_queue, queue_for_key, servable_keys
 from fleet_common.forgejo.receipts import make_pr_check
 from fleet_common.settings import AgentSlotSettings, HostSettings, Settings
-from fleet_common.tasks import lease, lease_sql
+from fleet_common.tasks import lease
 from fleet_common.tasks.state import Reason
 from fleet_worker.attempt import Attempt, AttemptRun, Control
 from fleet_worker.db_reporter import DbReporter
@@ -39,6 +39,8 @@ class Slot:
     config: AgentSlotSettings
     agent_id: str = ""
     desired_state: str = DesiredState.ACTIVE
+    #: The agent row as the claims last read it (the claim re-checks it; set by register).
+    reading: AgentReading | None = None
     running: dict[str, tuple[Attempt, Control]] = field(default_factory=dict)
     #: Threads claiming for this slot now, and wake-ups turned away since the slot was full.
     claiming: int = 0
@@ -113,6 +115,7 @@ class HostWorker:
                 )
                 slot.agent_id = agent.id
                 slot.desired_state = agent.desired_state
+                slot.reading = AgentReading.of(agent)
                 agents.release_tasks(
                     session,
                     self.settings.orchestrator,
@@ -150,15 +153,19 @@ class HostWorker:
         """Claim and run the best eligible tasks for this host's slots until none is left
         (a wake-up message starts this; duplicates and stale ones find nothing). A wake-up
         from ``queue`` tries only the slots that serve that queue. Returns how many attempts
-        ran."""
+        ran. An attempt's completion claims the next task for its slot in the same statement
+        (on PostgreSQL), which then runs in the place the attempt freed; an attempt that
+        claimed nothing so is followed by a claim of its own, as before."""
         slots = self._slots_for(queue)
         ran = 0
-        while not self.stopping:
-            claimed = self._claim(slots)
+        claimed: tuple[Slot, Attempt] | None = None
+        while claimed is not None or not self.stopping:  # a claimed task runs (or is stopped)
+            claimed = claimed or self._claim(slots)
             if claimed is None:
                 return ran
             slot, attempt = claimed
-            self._run(slot, attempt)
+            following = self._run(slot, attempt)
+            claimed = None if following is None else (slot, following)
             ran += 1
         return ran
 
@@ -216,30 +223,59 @@ class HostWorker:
                 slot.claiming -= 1
 
     def _claim_in_db(self, slot: Slot) -> Attempt | None:
-        """Claim and start the attempt in one transaction (its ``dispatched`` and ``started``
-        events commit together)."""
-        with self.db.session() as session:
-            claim = claim_for_reply(session, self.settings.orchestrator, slot.agent_id)
+        """Claim and start the attempt atomically (its ``dispatched`` and ``started`` events
+        commit together; on PostgreSQL one statement, no transaction around it). A claim made
+        with an out-of-date reading of the agent's row claims nothing: it is made again with
+        the row's values."""
+        orch = self.settings.orchestrator
+        with self.db.session(autocommit=True) as session:
+            for _ in range(2):
+                assert slot.reading is not None, "register() first"
+                claim, reading = claim_and_start(session, orch, slot.agent_id, slot.reading)
+                if claim is not None or reading is None or reading == slot.reading:
+                    break
+                slot.reading = reading
             if claim is None:
                 return None
-            lease_sql.start_claimed(session, claim.task, now=utcnow())
             attempt = Attempt.of(claim.task, claim.lease_token)
         with self._lock:  # once committed (a failed commit claimed nothing)
             slot.running[attempt.task_id] = (attempt, Control())
         return attempt
 
-    def _run(self, slot: Slot, attempt: Attempt) -> None:
+    def _next_claim_reading(self, slot: Slot) -> AgentReading | None:
+        """What a completion in ``slot`` claims its successor with (None: claim nothing)."""
+        if self.stopping or slot.desired_state != DesiredState.ACTIVE:
+            return None
+        return slot.reading
+
+    def _run(self, slot: Slot, attempt: Attempt) -> Attempt | None:
+        """Run ``attempt``; the next attempt its completion claimed for ``slot``, or None."""
         _, control = slot.running[attempt.task_id]
         if self.stopping:
             control.stop(worker_shutdown=True)
+        following = None
         try:
             agent_type = self.settings.agent_types[slot.config.agent_type]
             orch = self.settings.orchestrator
-            reporter = DbReporter(self.db, orch, attempt, pr_check=self.pr_check, started=True)
+            reporter = DbReporter(
+                self.db,
+                orch,
+                attempt,
+                pr_check=self.pr_check,
+                started=True,
+                then_claim=lambda: self._next_claim_reading(slot),
+            )
             AttemptRun(orch, self.host, agent_type, self.executor, attempt, control, reporter).run()
+            if reporter.next_claim is not None:
+                following = Attempt.of(reporter.next_claim.task, reporter.next_claim.lease_token)
+            if reporter.next_reading is not None:
+                slot.reading = reporter.next_reading
         finally:
-            with self._lock:
+            with self._lock:  # the place passes to the next attempt: the slot is never over
                 slot.running.pop(attempt.task_id, None)
+                if following is not None:
+                    slot.running[following.task_id] = (following, Control())
+        return following
 
     # -- heartbeats and commands --------------------------------------------------------
 

@@ -159,7 +159,7 @@ def watch(
 ) -> None:
     """After every commit that changed the state of Forgejo tasks (new events), call
     ``callback(task_ids)``; a callback error is logged, never raised into the committer."""
-    factory = sessions.sessions if isinstance(sessions, Database) else sessions
+    factories = sessions.factories if isinstance(sessions, Database) else (sessions,)
 
     def collect(session: Session, _context: Any, _instances: Any) -> None:
         for obj in (*session.new, *session.dirty):
@@ -178,9 +178,10 @@ def watch(
         if not transaction.nested:  # a savepoint's rollback leaves the outer changes standing
             session.info.pop(_CHANGED, None)
 
-    event.listen(factory, "before_flush", collect)
-    event.listen(factory, "after_commit", committed)
-    event.listen(factory, "after_soft_rollback", rolled_back)
+    for factory in factories:  # a worker's claim runs in an autocommit session
+        event.listen(factory, "before_flush", collect)
+        event.listen(factory, "after_commit", committed)
+        event.listen(factory, "after_soft_rollback", rolled_back)
 
 
 def inserted(session: Session, task_ids: Iterable[str]) -> None:

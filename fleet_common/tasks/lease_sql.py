@@ -1,7 +1,8 @@
-"""The lease holder's two hot writes as single PostgreSQL statements: start a claimed task,
-and complete a task with a plain receipt (and its log's last chunk).
+"""The lease holder's hot write as a single PostgreSQL statement: complete a task with a plain
+receipt (and its log's last chunk). (The worker's start is part of its claim:
+``claim.claim_and_start``.)
 
-Each statement moves the row and appends the event :func:`state.transition` would have
+The statement moves the row and appends the event :func:`state.transition` would have
 written (its ``data`` from :func:`state.event_data`), in the caller's transaction. The
 completion covers only the common case (the lease current, exit code 0, no pull request
 involved, the chunk new and within the log's cap); in any other case it writes nothing and
@@ -15,39 +16,29 @@ import datetime as dt
 import json
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import Integer, String, column, text
 from sqlalchemy.orm import Session
 
 from fleet_common.auth import tokens
+from fleet_common.dispatch import claim
 from fleet_common.forgejo import writeback
-from fleet_common.tasks import lease, state
+from fleet_common.tasks import state
 from fleet_common.tasks.models import TaskStatus
 
 _EVENT_COLUMNS = "task_id, seq, type, from_status, to_status, actor, data, at"
 
-_START = text(
-    f"""
-WITH started AS (
-    UPDATE tasks SET status = 'running', started_at = :now, updated_at = :now,
-        event_seq = event_seq + 1
-    WHERE id = :task_id AND status = 'dispatched'
-    RETURNING id, event_seq, issue_number
-),
-event AS (
-    INSERT INTO task_events ({_EVENT_COLUMNS})
-    SELECT id, event_seq, 'started', 'dispatched', 'running', :actor, CAST(:data AS jsonb), :now
-    FROM started
-)
-SELECT id, issue_number FROM started"""  # noqa: S608
-)
-
-# {room}: the log chunk's condition (new, within the cap) or nothing; {chunk}: its insert.
+# {room}: the log chunk's condition (new, within the cap) or nothing; {chunk}: its insert;
+# {then}: the worker's next claim (:data:`claim.CLAIM_AFTER_COMPLETION`, its agent CTEs
+# {before}) or nothing, and
+# {first}: with it, the agent's row is locked (shared) before the task's row, as a heartbeat
+# locks them (the agent, then its tasks): a scalar subquery, evaluated once the task's row is
+# found and before it is locked.
 _COMPLETE = f"""
-WITH held AS (
+WITH {{before}}held AS (
     SELECT id, status, attempt, log_bytes FROM tasks
     WHERE id = :task_id AND agent_id = :agent_id AND lease_digest = :lease_digest
       AND status IN ('dispatched', 'running') AND lease_expires_at > :now
-      AND NOT requires_pr {{room}}
+      AND NOT requires_pr {{room}}{{first}}
     FOR UPDATE
 ),
 done AS (
@@ -66,8 +57,8 @@ event AS (
             'receipt', CAST(:receipt AS jsonb), 'artifacts', artifacts)),
         :now
     FROM done
-){{chunk}}
-SELECT id, issue_number FROM done"""  # noqa: S608
+){{chunk}}{{then}}
+SELECT {{result}}"""  # noqa: S608
 _ROOM = """
       AND log_bytes + :size <= :max_bytes
       AND NOT EXISTS (SELECT 1 FROM task_log_chunks AS c
@@ -77,27 +68,32 @@ chunk AS (
     INSERT INTO task_log_chunks (task_id, attempt, seq, "offset", data, created_at)
     SELECT id, attempt, :seq, log_offset, :data, :now FROM done
 )"""
-_COMPLETE_QUIET = text(_COMPLETE.format(room="", chunk=""))
-_COMPLETE_WITH_LOG = text(_COMPLETE.format(room=_ROOM, chunk=_CHUNK))
+_DONE = "done.id AS done_id, done.issue_number AS done_issue_number"
+_DONE_COLUMNS = (column("done_id", String), column("done_issue_number", Integer))
+_ALONE = {"before": "", "then": "", "first": "", "result": f"{_DONE} FROM done"}
+_THEN_CLAIM = {
+    "before": claim.AGENT_SHARED,
+    "first": "\n      AND (SELECT count(*) FROM agent) >= 0",
+    "then": f",\n{claim.CLAIM_AFTER_COMPLETION}",
+    "result": f"{_DONE}, {claim.STARTED_RESULT} FROM done LEFT JOIN ({claim.STARTED_FROM}) ON true",
+}
+#: The completion, quiet or with the log's chunk (``log``), alone or with the worker's next
+#: claim (``then_claim``).
+_COMPLETES = {
+    (log, then_claim): text(
+        _COMPLETE.format(
+            room=_ROOM if log else "",
+            chunk=_CHUNK if log else "",
+            **(_THEN_CLAIM if then_claim else _ALONE),
+        )
+    ).columns(*_DONE_COLUMNS, *(claim.STARTED_COLUMNS if then_claim else ()))
+    for log in (False, True)
+    for then_claim in (False, True)
+}
 
 
 def on_postgresql(session: Session) -> bool:
     return session.get_bind().dialect.name == "postgresql"
-
-
-def start_claimed(session: Session, task: Any, *, now: dt.datetime) -> None:
-    """Start the task this transaction just claimed (dispatched → running, ``started``)."""
-    if not on_postgresql(session):
-        lease.report_status(session, lease.Held(task, cancelled=False), "running", None, now=now)
-        return
-    state.check_move(TaskStatus.DISPATCHED, TaskStatus.RUNNING)
-    params = {
-        "task_id": task.id,
-        "now": now,
-        "actor": f"agent:{task.agent_id}",
-        "data": json.dumps(state.event_data({}, None)),
-    }
-    _announce(session, session.connection().execute(_START, params).first())
 
 
 def is_plain(receipt: dict[str, Any]) -> bool:
@@ -116,13 +112,18 @@ def complete_plain(
     *,
     max_bytes: int,
     now: dt.datetime,
-) -> bool:
+    then_claim: dict[str, Any] | None = None,
+) -> Any:
     """Complete the task with ``receipt`` and store ``log`` (seq, text) if this is the
-    common case (see the module); False, having written nothing, otherwise."""
+    common case (see the module); None, having written nothing, otherwise. ``then_claim``:
+    the parameters of the worker's next claim (:func:`claim.started_params`), made by the
+    same statement once the task is completed; the row returned is then also the claim's
+    (:func:`claim.read_started`)."""
     if not on_postgresql(session) or not is_plain(receipt):
-        return False
+        return None
     state.check_move(TaskStatus.RUNNING, TaskStatus.COMPLETED)
     params: dict[str, Any] = {
+        **(then_claim or {}),
         "task_id": task_id,
         "agent_id": agent_id,
         "lease_digest": tokens.digest(lease_token),
@@ -131,18 +132,13 @@ def complete_plain(
         "receipt": json.dumps(receipt),
         "size": 0,
     }
-    statement = _COMPLETE_QUIET
-    if log is not None and log[1]:  # an empty chunk is not stored (logs.append)
-        statement = _COMPLETE_WITH_LOG
+    with_log = log is not None and bool(log[1])  # an empty chunk is not stored (logs.append)
+    if log is not None and with_log:
         seq, data = log
         size = len(data.encode("utf-8", "replace"))
         params.update(seq=seq, data=data, size=size, max_bytes=max_bytes)
+    statement = _COMPLETES[with_log, then_claim is not None]
     row = session.connection().execute(statement, params).first()
-    _announce(session, row)
-    return row is not None
-
-
-def _announce(session: Session, row: Any) -> None:
-    """A Forgejo task's new event, which the write-back's flush hook cannot see."""
-    if row is not None and row.issue_number is not None:
-        writeback.inserted(session, [row.id])
+    if row is not None and row.done_issue_number is not None:
+        writeback.inserted(session, [row.done_id])  # the write-back's flush hook cannot see it
+    return row

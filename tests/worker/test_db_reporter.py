@@ -4,11 +4,17 @@ end as the services would have them, with an event log that replays clean."""
 
 from __future__ import annotations
 
+import datetime as dt
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import text as sql
 
+from fleet_common.agents import service as agents
+from fleet_common.auth import tokens
 from fleet_common.db import Database
 from fleet_common.settings import AgentSlotSettings, HostSettings, Settings
 from fleet_common.tasks import lease, logs, replay
@@ -108,3 +114,118 @@ def test_a_failed_exit_code_and_a_log_over_the_cap_take_the_general_path(
     task, types, text = state(db, attempt.task_id)
     assert (task.status, types[-1]) == ("completed", "completed")
     assert task.log_bytes == len(big) and text == big  # one chunk: nothing to drop
+
+
+def test_the_claim_starts_the_task_with_the_events_two_steps_would_write(
+    worker: HostWorker, db: Database, settings: Settings
+) -> None:
+    attempt = claim(worker, db, settings)
+    task, types, _ = state(db, attempt.task_id)
+    assert (task.status, types) == ("running", ["created", "dispatched", "started"])
+    assert task.started_at >= task.dispatched_at and task.lease_expires_at is not None
+    assert (attempt.agent_id, attempt.attempt) == (task.agent_id, 1)
+    with db.session() as session:
+        events = session.query(TaskEvent).filter_by(task_id=task.id).order_by(TaskEvent.seq)
+        moves = [(e.seq, e.from_status, e.to_status, e.actor, e.data) for e in events][1:]
+    actor = f"agent:{task.agent_id}"
+    changes = {"agent_id": task.agent_id, "not_before": None}
+    dispatched = {"mode": "ssh_cli", "attempt": 1, "changes": changes}
+    assert moves == [
+        (2, "queued", "dispatched", actor, dispatched),
+        (3, "dispatched", "running", actor, {}),
+    ]
+
+
+def test_a_claim_never_predates_the_task_it_claims(
+    worker: HostWorker, db: Database, settings: Settings
+) -> None:
+    """PostgreSQL's one-statement claim reads the clock before its snapshot; it dates the
+    claim at the task's last change if that is later (SQLite reads it under its lock)."""
+    if db.dialect != "postgresql":
+        pytest.skip("PostgreSQL's one-statement claim")
+    with db.session() as session:
+        created = tasks.create_task(session, settings, {"title": "t"}, actor="admin:test")
+        task = session.get(Task, created.task.id)
+        assert task is not None
+        later = task.updated_at + dt.timedelta(minutes=5)  # another machine's clock, ahead
+        task.updated_at = later
+    attempt = worker._claim_in_db(worker.slots[0])
+    assert attempt is not None
+    claimed, _, _ = state(db, attempt.task_id)
+    assert claimed.dispatched_at is not None and claimed.dispatched_at >= later
+
+
+def test_a_drained_slot_claims_nothing_and_a_changed_row_is_claimed_for_as_it_is_now(
+    worker: HostWorker, db: Database, settings: Settings
+) -> None:
+    slot = worker.slots[0]
+    with db.session() as session:
+        tasks.create_task(session, settings, {"title": "t", "labels": ["agent:gpu"]}, actor="a:t")
+        agents.update_agent(session, slot.agent_id, {"desired_state": "draining"}, actor="a:t")
+    assert worker._claim_in_db(slot) is None
+    with db.session() as session:  # an operator gives the slot's agent a capability
+        changes = {"desired_state": "active", "capabilities": ["gpu"]}
+        agents.update_agent(session, slot.agent_id, changes, actor="a:t")
+    attempt = worker._claim_in_db(slot)
+    assert attempt is not None and state(db, attempt.task_id)[0].status == "running"
+    if db.dialect == "postgresql":  # its claim came back with the row's values, then claimed
+        assert slot.reading is not None and slot.reading.capabilities == ("gpu",)
+
+
+def test_a_completion_claims_the_slots_next_task_in_its_place(
+    worker: HostWorker, db: Database, settings: Settings
+) -> None:
+    slot = worker.slots[0]
+    running = [claim(worker, db, settings) for _ in range(slot.config.max_concurrency)]
+    with db.session() as session:
+        nxt = tasks.create_task(session, settings, {"title": "next"}, actor="admin:test").task.id
+    assert worker._claim_in_db(slot) is None  # the slot is full
+
+    stale = Attempt(**{**running[0].__dict__, "lease_token": "not-the-lease"})
+    rep = DbReporter(
+        db, settings.orchestrator, stale, started=True, then_claim=lambda: slot.reading
+    )
+    rep.finish(Outcome("complete"), LogChunk(0, "zombie\n"))
+    assert rep.next_claim is None  # a refused completion claims nothing
+
+    rep = DbReporter(
+        db, settings.orchestrator, running[0], started=True, then_claim=lambda: slot.reading
+    )
+    rep.finish(Outcome("complete"), LogChunk(0, "done\n"))
+    done, types, _ = state(db, running[0].task_id)
+    assert (done.status, types[-1]) == ("completed", "completed")
+    if db.dialect != "postgresql":  # SQLite completes on the general path, alone
+        assert rep.next_claim is None
+        return
+    assert rep.next_claim is not None and rep.next_claim.task.id == nxt
+    claimed, types, _ = state(db, nxt)
+    assert (claimed.status, types) == ("running", ["created", "dispatched", "started"])
+    assert claimed.lease_digest == tokens.digest(rep.next_claim.lease_token)
+
+
+def test_a_completion_that_claims_locks_the_agent_before_its_task_as_a_heartbeat_does(
+    worker: HostWorker, db: Database, settings: Settings
+) -> None:
+    if db.dialect != "postgresql":
+        pytest.skip("PostgreSQL's one-statement completion and claim")
+    slot = worker.slots[0]
+    attempt = claim(worker, db, settings)
+    with db.session() as session:
+        tasks.create_task(session, settings, {"title": "next"}, actor="admin:test")
+    rep = DbReporter(
+        db, settings.orchestrator, attempt, started=True, then_claim=lambda: slot.reading
+    )
+    with db.engine.connect() as heartbeat:  # a heartbeat's order: the agent, then its tasks
+        heartbeat.execute(
+            sql("UPDATE agents SET updated_at = now() WHERE id = :a"), {"a": slot.agent_id}
+        )
+        finishing = threading.Thread(target=rep.finish, args=(Outcome("complete"),))
+        finishing.start()
+        time.sleep(0.5)  # the completion waits for the agent's row, holding no task's row
+        locked = sql("SELECT id FROM tasks WHERE id = :t FOR UPDATE NOWAIT")
+        assert heartbeat.execute(locked, {"t": attempt.task_id}).scalar() == attempt.task_id
+        heartbeat.commit()
+    finishing.join(10)
+    assert not finishing.is_alive()
+    assert rep.next_claim is not None
+    assert state(db, attempt.task_id)[0].status == "completed"
