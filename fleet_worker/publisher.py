@@ -22,7 +22,6 @@ the Forgejo write-back's syncs, re-sent by its outbox sweep).
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import queue
@@ -50,6 +49,8 @@ DEFAULT_COOLDOWN_SECS = 1.0
 
 #: At most this many messages go in one broker round trip.
 MAX_BATCH = 200
+#: Queues kept bound to the publisher's channel; beyond this many names the cache starts over.
+MAX_BOUND_QUEUES = 4096
 
 _STOP = object()
 
@@ -72,12 +73,6 @@ def wake_queue(name: str) -> Queue:
     queues would bind an exchange named after the queue, and ``:``/``+`` are not valid in an
     exchange name on the filesystem transport."""
     return Queue(name, routing_key=name)
-
-
-@functools.lru_cache(maxsize=4096)
-def _wake_queue(name: str) -> Queue:
-    # Built once per name: publishing binds a copy to the channel, this one is never changed.
-    return wake_queue(name)
 
 
 def queue_name(item: Publish) -> str:
@@ -109,6 +104,8 @@ class Publisher:
         self._closed = False
         self._connection: Any = None
         self._producer_: Any = None
+        self._queues: dict[str, Queue] = {}
+        self._events: Any = None
         self._batching = False
         self._down_until = 0.0
         self._outage = False
@@ -194,6 +191,7 @@ class Publisher:
                 self._thread = None
                 self._connection = None
                 self._producer_ = None
+                self._queues, self._events = {}, None
             if self._closed:
                 return None
             if self._thread is None:
@@ -297,13 +295,25 @@ class Publisher:
             task,
             args=args,
             kwargs=options,
-            queue=_wake_queue(name),
+            queue=self._queue(name, producer),
             producer=producer,
+            event_dispatcher=self._events,
             retry=False,
             ignore_result=True,
             add_to_parent=False,
             **extra,
         )
+
+    def _queue(self, name: str, producer: Any) -> Queue:
+        """The wake-up queue ``name`` bound to the producer's channel. kombu binds a copy of
+        an unbound entity on every publish (to check whether it was declared already, which
+        it remembers per connection); bound once here, it is not copied again."""
+        queue = self._queues.get(name)
+        if queue is None:
+            if len(self._queues) >= MAX_BOUND_QUEUES:
+                self._queues.clear()
+            queue = self._queues[name] = wake_queue(name)(producer.channel)
+        return queue
 
     def _producer(self) -> Any:
         """The producer on this thread's broker connection (made on first use)."""
@@ -316,6 +326,10 @@ class Publisher:
             )
             self._producer_ = self.app.amqp.Producer(self._connection, auto_declare=False)
             self._batching = bool(self._producer_.supports_batch_publish)
+            # The task-sent events, as Celery's own dispatcher for send_task sends them (not
+            # enabled: it publishes through our producer), its exchange bound like the queues.
+            self._events = self.app.events.Dispatcher(self._connection, enabled=False)
+            self._events.exchange = self._events.exchange(self._producer_.channel)
         return self._producer_
 
     def _count(self, *, sent: int = 0, dropped: int = 0) -> None:
@@ -331,6 +345,7 @@ class Publisher:
     def _release_connection(self) -> None:
         connection, self._connection = self._connection, None
         self._producer_ = None
+        self._queues, self._events = {}, None
         if connection is None:
             return
         try:

@@ -17,7 +17,7 @@ from flask import request
 from flask.views import MethodView
 from flask_smorest import Blueprint, abort
 
-from fleet_api import context
+from fleet_api import context, lean
 from fleet_api.metrics import WEBHOOKS
 from fleet_api.resources.common import OutSchema
 from fleet_common.errors import Unauthorized
@@ -45,6 +45,9 @@ class RepoHealthSchema(OutSchema):
     last_error_at = ma.fields.DateTime(allow_none=True)
 
 
+_reply = lean.dumper(WebhookReplySchema)
+
+
 @blp.route("/webhooks/forgejo")
 class ForgejoWebhook(MethodView):
     @blp.response(202, WebhookReplySchema)
@@ -70,7 +73,7 @@ class ForgejoWebhook(MethodView):
             changed = list(result.task_ids)
             context.after_commit(lambda: _notify(ctx, changed))
         WEBHOOKS.labels(event=delivery.event[:40] or "unknown", outcome=result.outcome).inc()
-        return {"outcome": result.outcome, "detail": result.detail, "task_ids": result.task_ids}
+        return lean.reply(_reply(result), 202)
 
 
 def _notify(ctx: context.FleetContext, task_ids: list[str]) -> None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from fleet_common.forgejo.signatures import Headers, header, signed_bytes
+from fleet_common.forgejo.signatures import Headers, fed, header, signed_bytes
 
 EVENT_HEADERS = ("X-Forgejo-Event", "X-Gitea-Event", "X-Gogs-Event", "X-GitHub-Event")
 EVENT_TYPE_HEADERS = ("X-Forgejo-Event-Type", "X-Gitea-Event-Type", "X-GitHub-Event-Type")
@@ -186,7 +186,7 @@ def parse_delivery(headers: Headers, body: bytes) -> Delivery:
         event_type=_first(headers, EVENT_TYPE_HEADERS).lower(),
         action=action,
         delivery_id=_first(headers, DELIVERY_HEADERS),
-        digest=hashlib.sha256(raw).hexdigest(),
+        digest=fed(hashlib.sha256(), raw).hexdigest(),
         sender_login=_str(_obj(payload.get("sender")).get("login")),
         repo_full_name=_str(repo.get("full_name")),
         repo_clone_url=_str(repo.get("clone_url")),

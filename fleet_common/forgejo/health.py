@@ -16,7 +16,7 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from fleet_common.forgejo.models import IntakeHealth
@@ -59,9 +59,25 @@ def last_webhook_of(repo: Any) -> Any:
 def webhook_seen(session: Session, repo: str, now: dt.datetime, last: dt.datetime | None) -> None:
     """Note a delivery for ``repo`` at ``now``, given the stored ``last`` time (a plain read,
     see :func:`last_webhook_of`): written (which locks the row until commit) only when that is
-    :data:`WEBHOOK_RESOLUTION` older."""
-    if repo and (last is None or last < now - WEBHOOK_RESOLUTION):
+    :data:`WEBHOOK_RESOLUTION` older, and not while another transaction holds the row (on
+    PostgreSQL): usually a concurrent delivery writing a time as recent as this one. Without
+    that, every delivery that read the stale time in the same moment would write it too, each
+    waiting for the previous one's commit; skipped, the time is written by the first delivery
+    after that transaction ends."""
+    if not repo or (last is not None and last >= now - WEBHOOK_RESOLUTION):
+        return
+    if last is None:  # no row, or never a webhook: created or set as before
         touch(session, repo, last_webhook_at=now)
+        return
+    stale = (
+        select(_TABLE.c.repo)
+        .where(_TABLE.c.repo == repo, _TABLE.c.last_webhook_at < now - WEBHOOK_RESOLUTION)
+        .with_for_update(skip_locked=True)  # PostgreSQL; SQLite has one writer at a time
+        .scalar_subquery()
+    )
+    session.execute(
+        update(IntakeHealth).where(IntakeHealth.repo == stale).values(last_webhook_at=now)
+    )
 
 
 def record_error(session: Session, repo: str, message: str, now: dt.datetime) -> None:

@@ -111,3 +111,21 @@ def test_threads_per_worker_default_to_room_for_long_polls_and_can_be_set() -> N
     assert gunicorn_options(settings, 2)["threads"] == THREADS_PER_WORKER == 32
     options = gunicorn_options(settings, 3, 8)
     assert (options["workers"], options["threads"], options["worker_class"]) == (3, 8, "gthread")
+
+
+def test_a_worker_freezes_what_it_built_to_serve(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+
+    import fleet_api.app
+    from fleet_api.cli.processes import ApiServer
+    from fleet_common.settings import load_settings
+
+    built = object()
+    monkeypatch.setattr(fleet_api.app, "create_app", lambda settings: built)
+    server = ApiServer.__new__(ApiServer)  # load() alone, as a gunicorn worker calls it
+    server.settings = load_settings(env={})
+    try:
+        assert server.load() is built
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import urllib.parse
 
 import pytest
 
-from fleet_common.forgejo.signatures import sign, verify
+from fleet_common.forgejo.signatures import compute, fed, sign, verify
 from tests.fakes.forgejo import WEBHOOK_SECRET, load_payload, payload_names
 
 SIGNATURE_HEADERS = ("X-Forgejo-Signature", "X-Gitea-Signature", "X-Hub-Signature-256")
@@ -90,3 +92,11 @@ def test_form_hook_is_verified_over_the_payload_field() -> None:
     form_headers = {**headers, "Content-Type": "application/x-www-form-urlencoded"}
     assert verify(form, form_headers, WEBHOOK_SECRET)
     assert not verify(form, headers, WEBHOOK_SECRET)
+
+
+@pytest.mark.parametrize("size", [0, 1, 2046, 2047, 2048, 4094, 4095, 6000, 65536])
+def test_hashes_fed_in_slices_equal_the_whole(size: int) -> None:
+    # fed() hashes in slices below hashlib's GIL-release threshold: same digests, any size.
+    body = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    assert compute(body, "s3cret") == hmac.new(b"s3cret", body, hashlib.sha256).hexdigest()
+    assert fed(hashlib.sha256(), body).hexdigest() == hashlib.sha256(body).hexdigest()

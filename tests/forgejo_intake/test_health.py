@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 
-from fleet_common.db import utcnow
+from sqlalchemy import select, text
+
+from fleet_common.db import Database, utcnow
 from fleet_common.forgejo import health, intake
 from fleet_common.forgejo.client import ForgejoClient
 from fleet_common.forgejo.events import parse_delivery
@@ -84,3 +86,30 @@ def test_last_webhook_is_written_at_most_once_per_resolution(
     later = start + 2 * health.WEBHOOK_RESOLUTION
     assert deliver(later) == later
     assert deliver(start + half) == later  # never moves back
+
+
+def test_a_stale_last_webhook_held_by_another_transaction_is_not_waited_for(
+    pg_url: str,
+) -> None:
+    """PostgreSQL: a delivery that finds the stored time stale while another transaction holds
+    the row (a concurrent delivery writing it) skips the write instead of queueing behind it."""
+    db = Database(pg_url)
+    start = utcnow()
+    later = start + 2 * health.WEBHOOK_RESOLUTION
+    try:
+        with db.session() as session:
+            health.webhook_seen(session, "alice/widgets", start, None)  # creates the row
+        with db.session() as holder:
+            holder.execute(
+                select(IntakeHealth).where(IntakeHealth.repo == "alice/widgets").with_for_update()
+            )
+            with db.session() as session:
+                session.execute(text("SET LOCAL lock_timeout = '5s'"))
+                health.webhook_seen(session, "alice/widgets", later, start)  # no wait, no write
+        with db.session() as session:
+            assert session.get(IntakeHealth, "alice/widgets").last_webhook_at == start  # type: ignore[union-attr]
+            health.webhook_seen(session, "alice/widgets", later, start)  # free again: written
+        with db.session() as session:
+            assert session.get(IntakeHealth, "alice/widgets").last_webhook_at == later  # type: ignore[union-attr]
+    finally:
+        db.dispose()

@@ -3,7 +3,9 @@ blocks or fails the caller, and sending resumes by itself when the broker is bac
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 import logging
 import socket
 import threading
@@ -193,3 +195,39 @@ def test_sending_resumes_when_the_broker_comes_back(tmp_path: Path, redis_url: s
             assert take(settings, "fleet.cap.outage").decode()[0] == ["tsk_back"]
         finally:
             proxy.down()
+
+
+def test_each_message_goes_with_its_task_sent_event(tmp_path: Path, redis_url: str) -> None:
+    # The queues and the event exchange are bound to the publisher's channel once; every
+    # message still goes out with its own Celery task-sent event, on every connection.
+    import redis
+
+    settings = broker_settings(tmp_path, redis_url)
+    events = redis.Redis.from_url(redis_url).pubsub()
+    events.psubscribe("*celeryev*")
+    confirmed = wait_until(lambda: events.get_message(timeout=0.1), timeout=5, what="psubscribe")
+    assert confirmed["type"] == "psubscribe"
+    with publisher_for(settings) as publisher:
+        for batch in (items(2), [Publish("tsk_9", "code:rust", None)]):
+            publisher.publish(batch)
+            assert publisher.flush(timeout=10)
+            publisher._release_connection()  # the next batch binds to a new connection
+        assert (publisher.sent, publisher.dropped) == (3, 0)
+    sent: list[dict[str, Any]] = []
+
+    def three() -> bool:
+        while message := events.get_message(timeout=0.1):
+            envelope = json.loads(message["data"])
+            assert envelope["properties"]["body_encoding"] == "base64"
+            sent.append(json.loads(base64.b64decode(envelope["body"])))
+        return len(sent) == 3
+
+    wait_until(three, timeout=10, what="three task-sent events")
+    assert [(e["type"], e["name"], e["queue"], e["args"]) for e in sent] == [
+        ("task-sent", DISPATCH_TASK, "fleet.cap.code:python", "['tsk_0']"),
+        ("task-sent", DISPATCH_TASK, "fleet.cap.code:python", "['tsk_1']"),
+        ("task-sent", DISPATCH_TASK, "fleet.cap.code:rust", "['tsk_9']"),
+    ]
+    for name, task_id in (("fleet.cap.code:python", "tsk_0"), ("fleet.cap.code:python", "tsk_1")):
+        assert take(settings, name).decode()[0] == [task_id]
+    assert take(settings, "fleet.cap.code:rust").decode()[0] == ["tsk_9"]
