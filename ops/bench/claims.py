@@ -25,7 +25,6 @@ import argparse
 import os
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -50,18 +49,14 @@ HERE = Path(__file__).resolve().parent
 def bare_app() -> Any:
     """The reference: the baseline's claim behind a bare Flask endpoint, one psycopg
     connection per server thread."""
-    import psycopg
     from flask import Flask, jsonify, request
 
-    url = os.environ["BENCH_DATABASE_URL"]
-    local = threading.local()
+    connection = harness.thread_connection(os.environ["BENCH_DATABASE_URL"])
     app = Flask("bare")
 
     @app.post("/claim")
     def claim() -> Any:
-        conn = getattr(local, "conn", None)
-        if conn is None:
-            conn = local.conn = psycopg.connect(url, autocommit=True)
+        conn = connection()
         agent_id = request.get_json()["agent_id"]
         with conn.transaction():
             row = conn.execute(BASELINE_CLAIM).fetchone()

@@ -16,7 +16,6 @@ import argparse
 import os
 import statistics
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,20 +29,15 @@ HERE = Path(__file__).resolve().parent
 
 def bare_app() -> Any:
     """The baseline: the least a heartbeat endpoint can do on PostgreSQL."""
-    import psycopg
     from flask import Flask, jsonify, request
 
-    url = os.environ["BENCH_DATABASE_URL"]
-    local = threading.local()
+    connection = harness.thread_connection(os.environ["BENCH_DATABASE_URL"])
     app = Flask("bare")
 
     @app.post("/heartbeat")
     def heartbeat() -> Any:
-        conn = getattr(local, "conn", None)
-        if conn is None:
-            conn = local.conn = psycopg.connect(url, autocommit=True)
         agent_id = request.get_json()["agent_id"]
-        conn.execute(
+        connection().execute(
             "UPDATE agents SET status = 'online', last_heartbeat_at = now(), updated_at = now() "
             "WHERE id = %s",
             (agent_id,),

@@ -202,6 +202,20 @@ def configured_agents(url: str, prefix: str, count: int, max_concurrency: int) -
         db.dispose()
 
 
+def thread_connection(url: str) -> Callable[[], psycopg.Connection[Any]]:
+    """A getter of this thread's own autocommit connection to ``url`` (opened on first use):
+    what a bare endpoint in a threaded server uses, the least a server can do."""
+    local = threading.local()
+
+    def get() -> psycopg.Connection[Any]:
+        conn = getattr(local, "conn", None)
+        if conn is None:
+            conn = local.conn = psycopg.connect(url, autocommit=True)
+        return conn
+
+    return get
+
+
 def process_cpu(pid: int) -> float:
     """CPU seconds (user + system) process ``pid`` has used, from /proc (Linux)."""
     try:
