@@ -203,10 +203,13 @@ def test_each_message_goes_with_its_task_sent_event(tmp_path: Path, redis_url: s
     import redis
 
     settings = broker_settings(tmp_path, redis_url)
-    events = redis.Redis.from_url(redis_url).pubsub()
-    events.psubscribe("*celeryev*")
-    confirmed = wait_until(lambda: events.get_message(timeout=0.1), timeout=5, what="psubscribe")
-    assert confirmed["type"] == "psubscribe"
+    client = redis.Redis.from_url(redis_url)
+    events = client.pubsub()
+    # Pub/sub channels span the server's databases: only this database's task-sent events
+    # (kombu's fanout channel "/<db>.<exchange>/<routing key>"), not other tests' or runs'.
+    events.subscribe(f"/{client.connection_pool.connection_kwargs['db']}.celeryev/task.sent")
+    confirmed = wait_until(lambda: events.get_message(timeout=0.1), timeout=5, what="subscribe")
+    assert confirmed["type"] == "subscribe"
     with publisher_for(settings) as publisher:
         for batch in (items(2), [Publish("tsk_9", "code:rust", None)]):
             publisher.publish(batch)
