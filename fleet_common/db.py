@@ -9,13 +9,15 @@ instead of hanging or crashing.
 from __future__ import annotations
 
 import datetime as dt
+from collections import namedtuple
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
+    Connection,
     DateTime,
     Engine,
     MetaData,
@@ -163,11 +165,19 @@ class Prebuilt:
     def __init__(self, statement: Any) -> None:
         self.statement = statement
         self._by_dialect: dict[str, Any] = {}
+        self._on_driver: dict[str, _OnDriver] = {}
 
     def execute(self, session: Session, params: dict[str, Any]) -> Any:
-        """Execute in ``session``'s transaction; the result's rows."""
+        """Execute in ``session``'s transaction; the result's rows (on PostgreSQL a
+        :class:`Rows` of named tuples, run by the driver directly: see :class:`_OnDriver`)."""
         connection = session.connection()
-        return connection.execute(self.on(connection.dialect), params)
+        dialect = connection.dialect
+        if dialect.name != "postgresql":
+            return connection.execute(self.on(dialect), params)
+        driver = self._on_driver.get(dialect.name)
+        if driver is None:
+            driver = self._on_driver[dialect.name] = _OnDriver(self.on(dialect), dialect)
+        return driver.execute(connection, params)
 
     def on(self, dialect: Dialect) -> Any:
         """The statement to execute on ``dialect``."""
@@ -192,6 +202,142 @@ class Prebuilt:
         # "::" (PostgreSQL casts) must not read as parameters.
         sql: TextClause = text(compiled.string.replace("::", "\\:\\:")).bindparams(*binds.values())
         return sql.columns(*(column(key, type_) for key, _, _, type_ in compiled._result_columns))
+
+
+_REQUIRED = object()
+
+
+class Rows(list[Any]):
+    """A statement's rows, with the ``Result`` methods the callers of :class:`Prebuilt` use."""
+
+    def first(self) -> Any:
+        return self[0] if self else None
+
+    def one(self) -> Any:
+        if len(self) != 1:
+            raise exc.NoResultFound("no row") if not self else exc.MultipleResultsFound("rows")
+        return self[0]
+
+
+class _OnDriver:
+    """A prebuilt statement executed by the DBAPI driver itself, doing what SQLAlchemy's
+    ``Connection.execute`` does for it and no more: the same SQL string (compiled once, casts
+    included), each parameter through its type's bind processor, each result column through
+    its type's result processor, and errors through the connection's own handler (wrapped
+    in SQLAlchemy's exceptions; a disconnect invalidates the pool). SQLAlchemy's per-call
+    machinery (execution context, cache lookup, result metadata) is most of a small
+    statement's cost. No engine events run: none is installed on PostgreSQL."""
+
+    def __init__(self, statement: Any, dialect: Dialect) -> None:
+        compiled = statement.compile(dialect=dialect)
+        if compiled.positional or compiled.escaped_bind_names or compiled.post_compile_params:
+            raise ValueError("Prebuilt: the driver path takes named, plain parameters only")
+        self.sql = compiled.string
+        processors = compiled._bind_processors
+        self.binds = [
+            (
+                name,
+                _REQUIRED if param.required else param.value,
+                processors.get(name),
+            )
+            for param, name in compiled.bind_names.items()
+        ]
+        self.columns = [(key, type_) for key, _, _, type_ in compiled._result_columns]
+        self.row: Any = namedtuple("Row", [key for key, _ in self.columns])  # type: ignore[misc]
+        self.dialect = dialect
+        self._results: list[Any] | None = None  # the result processors, at the first run
+
+    def parameters(self, params: dict[str, Any]) -> dict[str, Any]:
+        values = {}
+        for name, default, process in self.binds:
+            value = params.get(name, default)
+            if value is _REQUIRED:
+                raise exc.InvalidRequestError(f"A value is required for bind parameter {name!r}")
+            values[name] = value if process is None else process(value)
+        return values
+
+    def execute(self, connection: Connection, params: dict[str, Any]) -> Rows:
+        values = self.parameters(params)
+        cursor = connection.connection.cursor()
+        try:
+            cursor.execute(self.sql, values)
+            rows = cursor.fetchall() if self.columns else []
+            processors = self._results
+            if processors is None:
+                processors = self._results = self._processors(cursor.description or ())
+        except self.dialect.loaded_dbapi.Error as error:
+            connection._handle_dbapi_exception(error, self.sql, values, cursor, None)
+        finally:
+            cursor.close()
+        make = self.row._make
+        if not any(processors):
+            return Rows(make(row) for row in rows)
+        pairs = list(enumerate(processors))
+        typed = [[row[i] if p is None else p(row[i]) for i, p in pairs] for row in rows]
+        return Rows(make(row) for row in typed)
+
+    def _processors(self, description: Sequence[Any]) -> list[Any]:
+        if len(description) != len(self.columns):
+            raise ValueError("Prebuilt: the driver returned other columns than compiled")
+        return [
+            type_._cached_result_processor(self.dialect, column[1])
+            for (_, type_), column in zip(self.columns, description, strict=True)
+        ]
+
+
+class _Autocommit:
+    """What ``Database.session(autocommit=True)`` gives on PostgreSQL: a Session to its
+    callers, made only as far as they use it. Most autocommit work is a Prebuilt statement
+    or two, which only need ``connection()``: one connection of the autocommit engine,
+    checked out at the first use. Anything else a Session does (ORM queries, ``execute``,
+    ``info``...) makes a real one, from the autocommit factory (its events included), bound
+    to that same connection. A Session's own setup, commit and close cost about as much as
+    such a statement run by the driver."""
+
+    def __init__(self, engine: Engine, sessions: sessionmaker[Session]) -> None:
+        self._engine = engine
+        self._sessions = sessions
+        self._connection: Connection | None = None
+        self._session: Session | None = None
+
+    def connection(self, *args: Any, **kwargs: Any) -> Connection:
+        if self._session is not None:
+            return self._session.connection(*args, **kwargs)
+        if self._connection is None:
+            self._connection = self._engine.connect()
+        return self._connection
+
+    def get_bind(self, *args: Any, **kwargs: Any) -> Any:
+        return self._engine if self._session is None else self._session.get_bind(*args, **kwargs)
+
+    @property
+    def session(self) -> Session:
+        if self._session is None:
+            self._session = self._sessions(bind=self.connection())
+        return self._session
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.session, name)
+
+    def flush(self) -> None:
+        if self._session is not None:
+            self._session.flush()
+
+    def commit(self) -> None:
+        if self._session is not None:
+            self._session.commit()
+
+    def rollback(self) -> None:
+        if self._session is not None:
+            self._session.rollback()
+
+    def close(self) -> None:
+        try:
+            if self._session is not None:
+                self._session.close()
+        finally:
+            if self._connection is not None:
+                self._connection.close()
 
 
 class Database:
@@ -221,7 +367,13 @@ class Database:
         """A unit of work: commit on success, roll back on any error. ``autocommit``: the
         caller promises statements that are each atomic and correct on their own (nothing to
         roll back), so PostgreSQL runs each in its own transaction without BEGIN/COMMIT."""
-        session = self._autocommit() if autocommit else self.sessions()
+        session: Session
+        if not autocommit:
+            session = self.sessions()
+        elif self._autocommit_engine is not None:
+            session = cast(Session, _Autocommit(self._autocommit_engine, self._autocommit))
+        else:
+            session = self._autocommit()
         try:
             yield session
             session.commit()

@@ -1,7 +1,8 @@
 """The database goes away under load and comes back: the API answers 503 fast, then recovers.
 
 A private PostgreSQL (never the shared one) backs a real HTTP server running the API. A few
-client threads submit tasks and list them with an admin token, timing every request. Then the
+client threads submit tasks and list them with an admin token, or heartbeat with an agent
+token (a statement run by the driver, outside any Session), timing every request. Then the
 server is stopped: every request made during the outage must answer 503 in the JSON error shape
 with reason ``database_unavailable`` within 2 s (nothing hangs, nothing is a 500). Then it is
 started again: requests succeed again, without restarting the API.
@@ -29,14 +30,15 @@ from tests.pg_private import PrivatePostgres, private_postgres
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
-CLIENT_THREADS = 4
+KINDS = ("submit", "list", "heartbeat")
+CLIENT_THREADS = 6
 OUTAGE_ANSWER_SECS = 2.0  # the most a request may take while the database is down
 CLIENT_TIMEOUT = 15.0  # far above it, so a hang is measured instead of blocking the test
 
 
 @dataclass(frozen=True)
 class Call:
-    kind: str  # "submit" or "list"
+    kind: str  # one of KINDS
     started: float  # time.monotonic()
     ended: float
     status: int  # 0: no HTTP answer at all (connection error, client timeout)
@@ -51,14 +53,15 @@ class Call:
 class Load:
     """Client threads calling the API in a loop until stopped, recording every call."""
 
-    def __init__(self, base_url: str, token: str) -> None:
+    def __init__(self, base_url: str, token: str, agent_token: str) -> None:
         self.base_url = base_url
         self.headers = {"Authorization": f"Bearer {token}"}
+        self.agent_headers = {"Authorization": f"Bearer {agent_token}"}
         self.calls: list[Call] = []
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.threads = [
-            threading.Thread(target=self._loop, args=("submit" if n % 2 else "list",), daemon=True)
+            threading.Thread(target=self._loop, args=(KINDS[n % len(KINDS)],), daemon=True)
             for n in range(CLIENT_THREADS)
         ]
 
@@ -84,6 +87,13 @@ class Load:
                         f"{self.base_url}/api/v1/tasks",
                         json={"title": f"load {n}", "labels": ["agent:code:python"]},
                         headers=self.headers,
+                        timeout=CLIENT_TIMEOUT,
+                    )
+                elif kind == "heartbeat":
+                    reply = http.post(
+                        f"{self.base_url}/api/v1/agents/heartbeat",
+                        json={"leases": []},
+                        headers=self.agent_headers,
                         timeout=CLIENT_TIMEOUT,
                     )
                 else:
@@ -125,8 +135,9 @@ def private_pg() -> Iterator[PrivatePostgres]:
 
 
 @pytest.fixture
-def api(private_pg: PrivatePostgres, tmp_path: Path) -> Iterator[tuple[str, str]]:
-    """The API on a real threaded HTTP server over the private database: (base URL, token)."""
+def api(private_pg: PrivatePostgres, tmp_path: Path) -> Iterator[tuple[str, str, str]]:
+    """The API on a real threaded HTTP server over the private database: (base URL, admin
+    token, agent token)."""
     from fleet_api.app import create_app
 
     url = private_pg.create_database("fleet")
@@ -136,13 +147,21 @@ def api(private_pg: PrivatePostgres, tmp_path: Path) -> Iterator[tuple[str, str]
     db = Database(url, pool_size=1)
     with db.session() as session:
         _, token = auth.mint(session, TokenKind.ADMIN, actor="test", name="restart")
+        _, join = auth.mint(session, TokenKind.JOIN, actor="test", name="restart")
     db.dispose()
     app = create_app(settings, publisher=False)
     http = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=http.serve_forever, daemon=True)
     thread.start()
+    base_url = f"http://127.0.0.1:{http.server_port}"
     try:
-        yield f"http://127.0.0.1:{http.server_port}", token
+        registered = requests.post(
+            f"{base_url}/api/v1/agents/register",
+            json={"join_token": join, "name": "restart", "host_uid": "restart"},
+            timeout=CLIENT_TIMEOUT,
+        )
+        assert registered.status_code == 201, registered.text
+        yield base_url, token, registered.json()["agent_token"]
     finally:
         http.shutdown()
         app.extensions["fleet"].db.dispose()
@@ -155,10 +174,9 @@ def _describe(calls: list[Call]) -> str:
 
 
 def test_api_answers_503_during_a_database_outage_and_recovers(
-    private_pg: PrivatePostgres, api: tuple[str, str]
+    private_pg: PrivatePostgres, api: tuple[str, str, str]
 ) -> None:
-    base_url, token = api
-    with Load(base_url, token) as load:
+    with Load(*api) as load:
         begin = time.monotonic()
         wait_for(
             lambda: sum(c.status in (200, 201) for c in load.since(begin)) >= 20,
@@ -171,7 +189,7 @@ def test_api_answers_503_during_a_database_outage_and_recovers(
         down = time.monotonic()
         wait_for(
             lambda: (
-                {"submit", "list"} <= {c.kind for c in load.since(down) if c.status}
+                set(KINDS) <= {c.kind for c in load.since(down) if c.status}
                 and len(load.since(down)) >= 40
             ),
             60,
