@@ -68,8 +68,8 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
     def process_result_value(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
-        if value is None:
-            return None
+        if value is None or value.tzinfo is dt.UTC:  # PostgreSQL's, with TimeZone=UTC
+            return value
         return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
 
 
@@ -100,7 +100,9 @@ def make_engine(
     dropped fails its first statement instead; SQLAlchemy then invalidates the whole pool
     (every connection checked out before the failure is replaced), the request answers 503
     (:class:`DatabaseUnavailable`) and the next ones reconnect. ``autocommit`` (PostgreSQL):
-    connections that run each statement in its own transaction."""
+    connections that run each statement in its own transaction (nothing to reset when they
+    go back to the pool). The session time zone is UTC, as every stored time is: timestamps
+    come back already in UTC."""
     url = normalise_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -118,8 +120,11 @@ def make_engine(
         max_overflow=pool_size,
         pool_timeout=2,
         pool_recycle=1800,
-        connect_args={"connect_timeout": 2, "options": "-c statement_timeout=15000"},
-        **({"isolation_level": "AUTOCOMMIT"} if autocommit else {}),
+        connect_args={
+            "connect_timeout": 2,
+            "options": "-c statement_timeout=15000 -c TimeZone=UTC",
+        },
+        **({"isolation_level": "AUTOCOMMIT", "pool_reset_on_return": None} if autocommit else {}),
     )
 
 
