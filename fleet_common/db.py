@@ -9,12 +9,14 @@ instead of hanging or crashing.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections import namedtuple
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 
+from psycopg import RawCursor
 from sqlalchemy import (
     JSON,
     Connection,
@@ -174,10 +176,10 @@ class Prebuilt:
 
     def execute(self, session: Session, params: dict[str, Any]) -> Any:
         """Execute in ``session``'s transaction; the result's rows (on PostgreSQL a
-        :class:`Rows` of named tuples, run by the driver directly: see :class:`_OnDriver`)."""
+        :class:`Rows` of named tuples, run by psycopg directly: see :class:`_OnDriver`)."""
         connection = session.connection()
         dialect = connection.dialect
-        if dialect.name != "postgresql":
+        if dialect.driver != "psycopg":
             return connection.execute(self.on(dialect), params)
         driver = self._on_driver.get(dialect.name)
         if driver is None:
@@ -238,34 +240,46 @@ class _OnDriver:
         if compiled.positional or compiled.escaped_bind_names or compiled.post_compile_params:
             raise ValueError("Prebuilt: the driver path takes named, plain parameters only")
         self.sql = compiled.string
+        # psycopg's raw form ($1, $2...: no per-call parsing of the placeholders), one
+        # number per name, as psycopg numbers a named query.
+        numbers: dict[str, int] = {}
+
+        def number(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name is None:
+                return "%"  # a literal "%" (doubled in the pyformat string)
+            return f"${numbers.setdefault(name, len(numbers) + 1)}"
+
+        self.raw_sql = re.sub(r"%%|%\((\w+)\)s", number, self.sql)
         processors = compiled._bind_processors
+        params = {name: param for param, name in compiled.bind_names.items()}
         self.binds = [
             (
                 name,
-                _REQUIRED if param.required else param.value,
+                _REQUIRED if params[name].required else params[name].value,
                 processors.get(name),
             )
-            for param, name in compiled.bind_names.items()
+            for name in numbers  # in their numbers' order
         ]
         self.columns = [(key, type_) for key, _, _, type_ in compiled._result_columns]
         self.row: Any = namedtuple("Row", [key for key, _ in self.columns])  # type: ignore[misc]
         self.dialect = dialect
         self._results: list[Any] | None = None  # the result processors, at the first run
 
-    def parameters(self, params: dict[str, Any]) -> dict[str, Any]:
-        values = {}
+    def parameters(self, params: dict[str, Any]) -> list[Any]:
+        values = []
         for name, default, process in self.binds:
             value = params.get(name, default)
             if value is _REQUIRED:
                 raise exc.InvalidRequestError(f"A value is required for bind parameter {name!r}")
-            values[name] = value if process is None else process(value)
+            values.append(value if process is None else process(value))
         return values
 
     def execute(self, connection: Connection, params: dict[str, Any]) -> Rows:
         values = self.parameters(params)
-        cursor = connection.connection.cursor()
+        cursor: Any = RawCursor(cast(Any, connection.connection.driver_connection))
         try:
-            cursor.execute(self.sql, values)
+            cursor.execute(self.raw_sql, values)
             rows = cursor.fetchall() if self.columns else []
             processors = self._results
             if processors is None:
