@@ -304,27 +304,32 @@ class _OnDriver:
         ]
 
 
-class _Autocommit:
-    """What ``Database.session(autocommit=True)`` gives on PostgreSQL: a Session to its
-    callers, made only as far as they use it. Most autocommit work is a Prebuilt statement
-    or two, which only need ``connection()``: one connection of the autocommit engine,
-    checked out at the first use. Anything else a Session does (ORM queries, ``execute``,
-    ``info``...) makes a real one, from the autocommit factory (its events included), bound
-    to that same connection. A Session's own setup, commit and close cost about as much as
-    such a statement run by the driver."""
+class _Lean:
+    """A Session to its callers, made only as far as they use it (PostgreSQL with psycopg).
+    Work that is mostly Prebuilt statements only needs ``connection()``: one connection of
+    the engine, checked out at the first use, in a transaction of its own (begun there, and
+    again after a commit) unless the engine is the autocommit one. Anything else a Session
+    does (ORM queries, ``execute``, ``info``...) makes a real one, from the same factory (its
+    events included), bound to that connection and taking its transaction over: from then
+    on the Session commits, rolls back and closes as usual. A Session's own setup, commit
+    and close cost about as much as such a statement run by the driver."""
 
-    def __init__(self, engine: Engine, sessions: sessionmaker[Session]) -> None:
+    def __init__(self, engine: Engine, sessions: sessionmaker[Session], *, begin: bool) -> None:
         self._engine = engine
         self._sessions = sessions
+        self._begin = begin
         self._connection: Connection | None = None
         self._session: Session | None = None
 
     def connection(self, *args: Any, **kwargs: Any) -> Connection:
         if self._session is not None:
             return self._session.connection(*args, **kwargs)
-        if self._connection is None:
-            self._connection = self._engine.connect()
-        return self._connection
+        connection = self._connection
+        if connection is None:
+            connection = self._connection = self._engine.connect()
+        if self._begin and not connection.in_transaction():
+            connection.begin()
+        return connection
 
     def get_bind(self, *args: Any, **kwargs: Any) -> Any:
         return self._engine if self._session is None else self._session.get_bind(*args, **kwargs)
@@ -332,7 +337,8 @@ class _Autocommit:
     @property
     def session(self) -> Session:
         if self._session is None:
-            self._session = self._sessions(bind=self.connection())
+            bind = self.connection()
+            self._session = self._sessions(bind=bind, join_transaction_mode="control_fully")
         return self._session
 
     def __getattr__(self, name: str) -> Any:
@@ -345,10 +351,14 @@ class _Autocommit:
     def commit(self) -> None:
         if self._session is not None:
             self._session.commit()
+        elif self._connection is not None and self._connection.in_transaction():
+            self._connection.commit()
 
     def rollback(self) -> None:
         if self._session is not None:
             self._session.rollback()
+        elif self._connection is not None and self._connection.in_transaction():
+            self._connection.rollback()
 
     def close(self) -> None:
         try:
@@ -356,7 +366,7 @@ class _Autocommit:
                 self._session.close()
         finally:
             if self._connection is not None:
-                self._connection.close()
+                self._connection.close()  # rolls back what is not committed
 
 
 class Database:
@@ -382,17 +392,22 @@ class Database:
         return self.engine.dialect.name
 
     @contextmanager
-    def session(self, *, autocommit: bool = False) -> Iterator[Session]:
+    def session(self, *, autocommit: bool = False, lean: bool = False) -> Iterator[Session]:
         """A unit of work: commit on success, roll back on any error. ``autocommit``: the
         caller promises statements that are each atomic and correct on their own (nothing to
-        roll back), so PostgreSQL runs each in its own transaction without BEGIN/COMMIT."""
+        roll back), so PostgreSQL runs each in its own transaction without BEGIN/COMMIT.
+        ``lean`` (and always with ``autocommit``): on PostgreSQL the Session is made only if
+        something needs more of it than Prebuilt statements (see :class:`_Lean`)."""
         session: Session
-        if not autocommit:
-            session = self.sessions()
-        elif self._autocommit_engine is not None:
-            session = cast(Session, _Autocommit(self._autocommit_engine, self._autocommit))
-        else:
+        on_psycopg = self.engine.dialect.driver == "psycopg"
+        if autocommit and self._autocommit_engine is not None and on_psycopg:
+            session = cast(Session, _Lean(self._autocommit_engine, self._autocommit, begin=False))
+        elif autocommit:
             session = self._autocommit()
+        elif lean and on_psycopg:
+            session = cast(Session, _Lean(self.engine, self.sessions, begin=True))
+        else:
+            session = self.sessions()
         try:
             yield session
             session.commit()
