@@ -351,14 +351,18 @@ class _Lean:
     def commit(self) -> None:
         if self._session is not None:
             self._session.commit()
-        elif self._connection is not None and self._connection.in_transaction():
-            self._connection.commit()
+        elif self._connection is not None:
+            if self._connection.in_transaction():
+                self._connection.commit()
+            self._release()
 
     def rollback(self) -> None:
         if self._session is not None:
             self._session.rollback()
-        elif self._connection is not None and self._connection.in_transaction():
-            self._connection.rollback()
+        elif self._connection is not None:
+            if self._connection.in_transaction():
+                self._connection.rollback()
+            self._release()
 
     def close(self) -> None:
         try:
@@ -366,7 +370,15 @@ class _Lean:
                 self._session.close()
         finally:
             if self._connection is not None:
-                self._connection.close()  # rolls back what is not committed
+                self._release()
+
+    def _release(self) -> None:
+        """Back to the pool (rolling back what is not committed), as a Session gives its
+        connection back when its transaction ends: a caller that commits and then waits (the
+        dequeue's long poll) holds none meanwhile; the next statement checks one out."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.close()
 
 
 class Database:
