@@ -86,13 +86,14 @@ def _run(
     who: str | None,
     authenticate: Authenticate,
     single: Callable[[], bool] | None,
+    lean: bool,
     args: Any,
     kwargs: Any,
 ) -> Any:
     ctx = fleet()
     g.after_commit = []
     with ctx.holding():  # what the request publishes after commit goes out together
-        with ctx.db.session(autocommit=single is not None and single()) as s:
+        with ctx.db.session(autocommit=single is not None and single(), lean=lean) as s:
             g.session = s
             if who is not None:
                 g.principal = authenticate(s, _bearer())
@@ -110,11 +111,12 @@ def _guard(
     who: str | None,
     authenticate: Authenticate = auth.authenticate,
     single: Callable[[], bool] | None = None,
+    lean: bool = False,
 ) -> Callable[[F], F]:
     def decorate(view: F) -> F:
         @functools.wraps(view)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            return _run(view, who, authenticate, single, args, kwargs)
+            return _run(view, who, authenticate, single, lean, args, kwargs)
 
         return cast(F, wrapper)
 
@@ -128,10 +130,11 @@ public = _guard(None)
 
 
 def agent_via(
-    authenticate: Authenticate, *, single: Callable[[], bool] | None = None
+    authenticate: Authenticate, *, single: Callable[[], bool] | None = None, lean: bool = False
 ) -> Callable[[F], F]:
     """:func:`agent`, authenticating with ``authenticate`` (which may do the request's
     first write in the same statement, and return a Principal carrying its result).
     ``single``: true for a request whose every statement is atomic and correct on its own,
-    whatever the outcome (see ``Database.session(autocommit=True)``)."""
-    return _guard("agent", authenticate, single)
+    whatever the outcome (see ``Database.session(autocommit=True)``). ``lean``: the request
+    is mostly Prebuilt statements; its Session is made only if needed (``Database.session``)."""
+    return _guard("agent", authenticate, single, lean)

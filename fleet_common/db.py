@@ -9,13 +9,17 @@ instead of hanging or crashing.
 from __future__ import annotations
 
 import datetime as dt
+import re
+from collections import namedtuple
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+from psycopg import RawCursor
 from sqlalchemy import (
     JSON,
+    Connection,
     DateTime,
     Engine,
     MetaData,
@@ -66,8 +70,8 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
     def process_result_value(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
-        if value is None:
-            return None
+        if value is None or value.tzinfo is dt.UTC:  # PostgreSQL's, with TimeZone=UTC
+            return value
         return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
 
 
@@ -98,7 +102,9 @@ def make_engine(
     dropped fails its first statement instead; SQLAlchemy then invalidates the whole pool
     (every connection checked out before the failure is replaced), the request answers 503
     (:class:`DatabaseUnavailable`) and the next ones reconnect. ``autocommit`` (PostgreSQL):
-    connections that run each statement in its own transaction."""
+    connections that run each statement in its own transaction (nothing to reset when they
+    go back to the pool). The session time zone is UTC, as every stored time is: timestamps
+    come back already in UTC."""
     url = normalise_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -116,8 +122,11 @@ def make_engine(
         max_overflow=pool_size,
         pool_timeout=2,
         pool_recycle=1800,
-        connect_args={"connect_timeout": 2, "options": "-c statement_timeout=15000"},
-        **({"isolation_level": "AUTOCOMMIT"} if autocommit else {}),
+        connect_args={
+            "connect_timeout": 2,
+            "options": "-c statement_timeout=15000 -c TimeZone=UTC",
+        },
+        **({"isolation_level": "AUTOCOMMIT", "pool_reset_on_return": None} if autocommit else {}),
     )
 
 
@@ -163,11 +172,19 @@ class Prebuilt:
     def __init__(self, statement: Any) -> None:
         self.statement = statement
         self._by_dialect: dict[str, Any] = {}
+        self._on_driver: dict[str, _OnDriver] = {}
 
     def execute(self, session: Session, params: dict[str, Any]) -> Any:
-        """Execute in ``session``'s transaction; the result's rows."""
+        """Execute in ``session``'s transaction; the result's rows (on PostgreSQL a
+        :class:`Rows` of named tuples, run by psycopg directly: see :class:`_OnDriver`)."""
         connection = session.connection()
-        return connection.execute(self.on(connection.dialect), params)
+        dialect = connection.dialect
+        if dialect.driver != "psycopg":
+            return connection.execute(self.on(dialect), params)
+        driver = self._on_driver.get(dialect.name)
+        if driver is None:
+            driver = self._on_driver[dialect.name] = _OnDriver(self.on(dialect), dialect)
+        return driver.execute(connection, params)
 
     def on(self, dialect: Dialect) -> Any:
         """The statement to execute on ``dialect``."""
@@ -192,6 +209,176 @@ class Prebuilt:
         # "::" (PostgreSQL casts) must not read as parameters.
         sql: TextClause = text(compiled.string.replace("::", "\\:\\:")).bindparams(*binds.values())
         return sql.columns(*(column(key, type_) for key, _, _, type_ in compiled._result_columns))
+
+
+_REQUIRED = object()
+
+
+class Rows(list[Any]):
+    """A statement's rows, with the ``Result`` methods the callers of :class:`Prebuilt` use."""
+
+    def first(self) -> Any:
+        return self[0] if self else None
+
+    def one(self) -> Any:
+        if len(self) != 1:
+            raise exc.NoResultFound("no row") if not self else exc.MultipleResultsFound("rows")
+        return self[0]
+
+
+class _OnDriver:
+    """A prebuilt statement executed by the DBAPI driver itself, doing what SQLAlchemy's
+    ``Connection.execute`` does for it and no more: the same SQL string (compiled once, casts
+    included), each parameter through its type's bind processor, each result column through
+    its type's result processor, and errors through the connection's own handler (wrapped
+    in SQLAlchemy's exceptions; a disconnect invalidates the pool). SQLAlchemy's per-call
+    machinery (execution context, cache lookup, result metadata) is most of a small
+    statement's cost. No engine events run: none is installed on PostgreSQL."""
+
+    def __init__(self, statement: Any, dialect: Dialect) -> None:
+        compiled = statement.compile(dialect=dialect)
+        if compiled.positional or compiled.escaped_bind_names or compiled.post_compile_params:
+            raise ValueError("Prebuilt: the driver path takes named, plain parameters only")
+        self.sql = compiled.string
+        # psycopg's raw form ($1, $2...: no per-call parsing of the placeholders), one
+        # number per name, as psycopg numbers a named query.
+        numbers: dict[str, int] = {}
+
+        def number(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name is None:
+                return "%"  # a literal "%" (doubled in the pyformat string)
+            return f"${numbers.setdefault(name, len(numbers) + 1)}"
+
+        self.raw_sql = re.sub(r"%%|%\((\w+)\)s", number, self.sql)
+        processors = compiled._bind_processors
+        params = {name: param for param, name in compiled.bind_names.items()}
+        self.binds = [
+            (
+                name,
+                _REQUIRED if params[name].required else params[name].value,
+                processors.get(name),
+            )
+            for name in numbers  # in their numbers' order
+        ]
+        self.columns = [(key, type_) for key, _, _, type_ in compiled._result_columns]
+        self.row: Any = namedtuple("Row", [key for key, _ in self.columns])  # type: ignore[misc]
+        self.dialect = dialect
+        self._results: list[Any] | None = None  # the result processors, at the first run
+
+    def parameters(self, params: dict[str, Any]) -> list[Any]:
+        values = []
+        for name, default, process in self.binds:
+            value = params.get(name, default)
+            if value is _REQUIRED:
+                raise exc.InvalidRequestError(f"A value is required for bind parameter {name!r}")
+            values.append(value if process is None else process(value))
+        return values
+
+    def execute(self, connection: Connection, params: dict[str, Any]) -> Rows:
+        values = self.parameters(params)
+        cursor: Any = RawCursor(cast(Any, connection.connection.driver_connection))
+        try:
+            cursor.execute(self.raw_sql, values)
+            rows = cursor.fetchall() if self.columns else []
+            processors = self._results
+            if processors is None:
+                processors = self._results = self._processors(cursor.description or ())
+        except self.dialect.loaded_dbapi.Error as error:
+            connection._handle_dbapi_exception(error, self.sql, values, cursor, None)
+        finally:
+            cursor.close()
+        make = self.row._make
+        if not any(processors):
+            return Rows(make(row) for row in rows)
+        pairs = list(enumerate(processors))
+        typed = [[row[i] if p is None else p(row[i]) for i, p in pairs] for row in rows]
+        return Rows(make(row) for row in typed)
+
+    def _processors(self, description: Sequence[Any]) -> list[Any]:
+        if len(description) != len(self.columns):
+            raise ValueError("Prebuilt: the driver returned other columns than compiled")
+        return [
+            type_._cached_result_processor(self.dialect, column[1])
+            for (_, type_), column in zip(self.columns, description, strict=True)
+        ]
+
+
+class _Lean:
+    """A Session to its callers, made only as far as they use it (PostgreSQL with psycopg).
+    Work that is mostly Prebuilt statements only needs ``connection()``: one connection of
+    the engine, checked out at the first use, in a transaction of its own (begun there, and
+    again after a commit) unless the engine is the autocommit one. Anything else a Session
+    does (ORM queries, ``execute``, ``info``...) makes a real one, from the same factory (its
+    events included), bound to that connection and taking its transaction over: from then
+    on the Session commits, rolls back and closes as usual. A Session's own setup, commit
+    and close cost about as much as such a statement run by the driver."""
+
+    def __init__(self, engine: Engine, sessions: sessionmaker[Session], *, begin: bool) -> None:
+        self._engine = engine
+        self._sessions = sessions
+        self._begin = begin
+        self._connection: Connection | None = None
+        self._session: Session | None = None
+
+    def connection(self, *args: Any, **kwargs: Any) -> Connection:
+        if self._session is not None:
+            return self._session.connection(*args, **kwargs)
+        connection = self._connection
+        if connection is None:
+            connection = self._connection = self._engine.connect()
+        if self._begin and not connection.in_transaction():
+            connection.begin()
+        return connection
+
+    def get_bind(self, *args: Any, **kwargs: Any) -> Any:
+        return self._engine if self._session is None else self._session.get_bind(*args, **kwargs)
+
+    @property
+    def session(self) -> Session:
+        if self._session is None:
+            bind = self.connection()
+            self._session = self._sessions(bind=bind, join_transaction_mode="control_fully")
+        return self._session
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.session, name)
+
+    def flush(self) -> None:
+        if self._session is not None:
+            self._session.flush()
+
+    def commit(self) -> None:
+        if self._session is not None:
+            self._session.commit()
+        elif self._connection is not None:
+            if self._connection.in_transaction():
+                self._connection.commit()
+            self._release()
+
+    def rollback(self) -> None:
+        if self._session is not None:
+            self._session.rollback()
+        elif self._connection is not None:
+            if self._connection.in_transaction():
+                self._connection.rollback()
+            self._release()
+
+    def close(self) -> None:
+        try:
+            if self._session is not None:
+                self._session.close()
+        finally:
+            if self._connection is not None:
+                self._release()
+
+    def _release(self) -> None:
+        """Back to the pool (rolling back what is not committed), as a Session gives its
+        connection back when its transaction ends: a caller that commits and then waits (the
+        dequeue's long poll) holds none meanwhile; the next statement checks one out."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.close()
 
 
 class Database:
@@ -224,11 +411,22 @@ class Database:
         return self.engine.dialect.name
 
     @contextmanager
-    def session(self, *, autocommit: bool = False) -> Iterator[Session]:
+    def session(self, *, autocommit: bool = False, lean: bool = False) -> Iterator[Session]:
         """A unit of work: commit on success, roll back on any error. ``autocommit``: the
         caller promises statements that are each atomic and correct on their own (nothing to
-        roll back), so PostgreSQL runs each in its own transaction without BEGIN/COMMIT."""
-        session = self._autocommit() if autocommit else self.sessions()
+        roll back), so PostgreSQL runs each in its own transaction without BEGIN/COMMIT.
+        ``lean`` (and always with ``autocommit``): on PostgreSQL the Session is made only if
+        something needs more of it than Prebuilt statements (see :class:`_Lean`)."""
+        session: Session
+        on_psycopg = self.engine.dialect.driver == "psycopg"
+        if autocommit and self._autocommit_engine is not None and on_psycopg:
+            session = cast(Session, _Lean(self._autocommit_engine, self._autocommit, begin=False))
+        elif autocommit:
+            session = self._autocommit()
+        elif lean and on_psycopg:
+            session = cast(Session, _Lean(self.engine, self.sessions, begin=True))
+        else:
+            session = self.sessions()
         try:
             yield session
             session.commit()

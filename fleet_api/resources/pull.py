@@ -114,7 +114,8 @@ def _claim_once(locked: Any) -> Claim[Any] | None:
 
 @blp.route("/tasks/dequeue")
 class Dequeue(MethodView):
-    @context.agent_via(authenticate_locked)  # authenticates and locks the agent's row
+    # Authenticates and locks the agent's row; then the claim: all Prebuilt statements.
+    @context.agent_via(authenticate_locked, lean=True)
     @lean.arguments(blp, DequeueSchema)
     @blp.response(200, DequeuedSchema)
     @blp.alt_response(204, description="Nothing eligible")

@@ -219,7 +219,9 @@ CLAIM_AFTER_COMPLETION = started_ctes(
     _ROOM.format(other=" AND id <> :task_id") + " AND EXISTS (SELECT 1 FROM done)",  # noqa: S608
     agent=False,
 )
-# The same, loading the claimed task into the session (built once, like every hot statement).
+# For a reply, run by the driver (see Prebuilt); loading the claimed task into the session
+# (built once, like every hot statement).
+_PG_CLAIM_ROW, _PG_WALK_ROW = Prebuilt(_PG_CLAIM), Prebuilt(_PG_WALK)
 _PG_CLAIM_ORM = select(Task).from_statement(_PG_CLAIM).execution_options(populate_existing=True)
 _PG_WALK_ORM = select(Task).from_statement(_PG_WALK).execution_options(populate_existing=True)
 # Heads looked at per claim: enough to get past the rows concurrent claimers hold.
@@ -448,12 +450,12 @@ def _pg_params(
 
 def _claim_pg(session: Session, params: dict[str, Any], *, orm: bool) -> Any:
     """The claimed task (an ORM object if ``orm``, else a row), or None."""
-    statements = (_PG_CLAIM_ORM, _PG_WALK_ORM) if orm else (_PG_CLAIM, _PG_WALK)
+    statements = (_PG_CLAIM_ORM, _PG_WALK_ORM) if orm else (_PG_CLAIM_ROW, _PG_WALK_ROW)
     for statement in statements:
-        if orm:
-            task = session.scalars(statement, params).first()
+        if isinstance(statement, Prebuilt):
+            task = statement.execute(session, params).first()
         else:
-            task = session.connection().execute(statement, params).first()
+            task = session.scalars(statement, params).first()
         if task is not None:
             return task
         params["depth"] = 1  # the walk stops at each queue's first free row

@@ -1,7 +1,9 @@
 """The database goes away under load and comes back: the API answers 503 fast, then recovers.
 
 A private PostgreSQL (never the shared one) backs a real HTTP server running the API. A few
-client threads submit tasks and list them with an admin token, timing every request. Then the
+client threads submit tasks and list them with an admin token, or heartbeat and dequeue
+with an agent token (statements run by the driver, outside any Session), timing every
+request. Then the
 server is stopped: every request made during the outage must answer 503 in the JSON error shape
 with reason ``database_unavailable`` within 2 s (nothing hangs, nothing is a 500). Then it is
 started again: requests succeed again, without restarting the API.
@@ -29,14 +31,16 @@ from tests.pg_private import PrivatePostgres, private_postgres
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
-CLIENT_THREADS = 4
+KINDS = ("submit", "list", "heartbeat", "dequeue")
+CLIENT_THREADS = 8
+OK = (200, 201, 204)  # 204: a dequeue with nothing the agent can take
 OUTAGE_ANSWER_SECS = 2.0  # the most a request may take while the database is down
 CLIENT_TIMEOUT = 15.0  # far above it, so a hang is measured instead of blocking the test
 
 
 @dataclass(frozen=True)
 class Call:
-    kind: str  # "submit" or "list"
+    kind: str  # one of KINDS
     started: float  # time.monotonic()
     ended: float
     status: int  # 0: no HTTP answer at all (connection error, client timeout)
@@ -51,14 +55,15 @@ class Call:
 class Load:
     """Client threads calling the API in a loop until stopped, recording every call."""
 
-    def __init__(self, base_url: str, token: str) -> None:
+    def __init__(self, base_url: str, token: str, agent_token: str) -> None:
         self.base_url = base_url
         self.headers = {"Authorization": f"Bearer {token}"}
+        self.agent_headers = {"Authorization": f"Bearer {agent_token}"}
         self.calls: list[Call] = []
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.threads = [
-            threading.Thread(target=self._loop, args=("submit" if n % 2 else "list",), daemon=True)
+            threading.Thread(target=self._loop, args=(KINDS[n % len(KINDS)],), daemon=True)
             for n in range(CLIENT_THREADS)
         ]
 
@@ -86,6 +91,18 @@ class Load:
                         headers=self.headers,
                         timeout=CLIENT_TIMEOUT,
                     )
+                elif kind in ("heartbeat", "dequeue"):
+                    path, payload = (
+                        ("agents/heartbeat", {"leases": []})
+                        if kind == "heartbeat"
+                        else ("tasks/dequeue", {"wait_secs": 0})
+                    )
+                    reply = http.post(
+                        f"{self.base_url}/api/v1/{path}",
+                        json=payload,
+                        headers=self.agent_headers,
+                        timeout=CLIENT_TIMEOUT,
+                    )
                 else:
                     reply = http.get(
                         f"{self.base_url}/api/v1/tasks?page_size=20",
@@ -94,7 +111,7 @@ class Load:
                     )
                 status, retry_after = reply.status_code, reply.headers.get("Retry-After")
                 try:
-                    body = reply.json()
+                    body = reply.json() if reply.content else None
                 except ValueError:
                     body = reply.text[:500]
             except requests.RequestException as error:
@@ -125,8 +142,9 @@ def private_pg() -> Iterator[PrivatePostgres]:
 
 
 @pytest.fixture
-def api(private_pg: PrivatePostgres, tmp_path: Path) -> Iterator[tuple[str, str]]:
-    """The API on a real threaded HTTP server over the private database: (base URL, token)."""
+def api(private_pg: PrivatePostgres, tmp_path: Path) -> Iterator[tuple[str, str, str]]:
+    """The API on a real threaded HTTP server over the private database: (base URL, admin
+    token, agent token)."""
     from fleet_api.app import create_app
 
     url = private_pg.create_database("fleet")
@@ -136,13 +154,21 @@ def api(private_pg: PrivatePostgres, tmp_path: Path) -> Iterator[tuple[str, str]
     db = Database(url, pool_size=1)
     with db.session() as session:
         _, token = auth.mint(session, TokenKind.ADMIN, actor="test", name="restart")
+        _, join = auth.mint(session, TokenKind.JOIN, actor="test", name="restart")
     db.dispose()
     app = create_app(settings, publisher=False)
     http = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=http.serve_forever, daemon=True)
     thread.start()
+    base_url = f"http://127.0.0.1:{http.server_port}"
     try:
-        yield f"http://127.0.0.1:{http.server_port}", token
+        registered = requests.post(
+            f"{base_url}/api/v1/agents/register",
+            json={"join_token": join, "name": "restart", "host_uid": "restart"},
+            timeout=CLIENT_TIMEOUT,
+        )
+        assert registered.status_code == 201, registered.text
+        yield base_url, token, registered.json()["agent_token"]
     finally:
         http.shutdown()
         app.extensions["fleet"].db.dispose()
@@ -155,13 +181,12 @@ def _describe(calls: list[Call]) -> str:
 
 
 def test_api_answers_503_during_a_database_outage_and_recovers(
-    private_pg: PrivatePostgres, api: tuple[str, str]
+    private_pg: PrivatePostgres, api: tuple[str, str, str]
 ) -> None:
-    base_url, token = api
-    with Load(base_url, token) as load:
+    with Load(*api) as load:
         begin = time.monotonic()
         wait_for(
-            lambda: sum(c.status in (200, 201) for c in load.since(begin)) >= 20,
+            lambda: sum(c.status in OK for c in load.since(begin)) >= 20,
             60,
             "20 successful requests before the outage",
         )
@@ -171,7 +196,7 @@ def test_api_answers_503_during_a_database_outage_and_recovers(
         down = time.monotonic()
         wait_for(
             lambda: (
-                {"submit", "list"} <= {c.kind for c in load.since(down) if c.status}
+                set(KINDS) <= {c.kind for c in load.since(down) if c.status}
                 and len(load.since(down)) >= 40
             ),
             60,
@@ -182,13 +207,13 @@ def test_api_answers_503_during_a_database_outage_and_recovers(
         up = time.monotonic()
 
         def recovered() -> bool:
-            return any(c.status in (200, 201) for c in load.since(up))
+            return any(c.status in OK for c in load.since(up))
 
         wait_for(recovered, 30, "a successful request after PostgreSQL came back")
-        first_ok = min(c.started for c in load.since(up) if c.status in (200, 201))
+        first_ok = min(c.started for c in load.since(up) if c.status in OK)
         wait_for(lambda: len(load.since(first_ok)) >= 40, 60, "40 requests after recovery")
 
-    bad_before = [c for c in before if c.status not in (200, 201)]
+    bad_before = [c for c in before if c.status not in OK]
     assert not bad_before, "requests failed before the outage:\n" + _describe(bad_before)
 
     # Every request made while the server was down: started after it stopped, ended before
@@ -212,14 +237,14 @@ def test_api_answers_503_during_a_database_outage_and_recovers(
     # and it too must answer promptly. Before and after, nothing may hang either.
     with load.lock:
         everything = list(load.calls)
-    odd = [c for c in everything if c.status not in (200, 201, 503)]
+    odd = [c for c in everything if c.status not in (*OK, 503)]
     assert not odd, "answers other than 2xx or 503 (0: no answer at all):\n" + _describe(odd)
     troubled = [c for c in everything if c.ended > down and c.started < first_ok]
     slow = [c for c in troubled if c.seconds > OUTAGE_ANSWER_SECS]
     assert not slow, f"slower than {OUTAGE_ANSWER_SECS}s around the outage:\n" + _describe(slow)
 
     after = load.since(first_ok)
-    failed_after = [c for c in after if c.status not in (200, 201)]
+    failed_after = [c for c in after if c.status not in OK]
     assert not failed_after, "requests failed after recovery:\n" + _describe(failed_after)
     print(
         f"{len(before)} calls before, {len(outage)} during the outage "
