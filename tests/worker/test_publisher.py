@@ -281,6 +281,7 @@ def test_messages_and_events_are_the_ones_send_task_sends(
     # whether the sending app has the sync task's options registered (a worker) or not.
     import redis
 
+    from fleet_worker.tasks import dispatch
     from fleet_worker.tasks.forgejo import sync_message
 
     settings = broker_settings(tmp_path, redis_url)
@@ -298,7 +299,8 @@ def test_messages_and_events_are_the_ones_send_task_sends(
         replace(sync_message("tsk_sweep", force=True, retry=False), queue=f"fleet.sync.{own}"),
     ]
     app = make_celery(settings)
-    if finalized:
+    if finalized:  # a worker's app: every task registered, with its options
+        dispatch.register(app)
         app.finalize()
     publisher = Publisher(app)
     try:
@@ -308,6 +310,7 @@ def test_messages_and_events_are_the_ones_send_task_sends(
         publisher.close()
     reference = make_celery(settings)
     if finalized:
+        dispatch.register(reference)
         reference.finalize()
     for item in sends:  # the publisher's former call
         if isinstance(item, Publish):
@@ -357,8 +360,11 @@ def test_messages_and_events_are_the_ones_send_task_sends(
 
 def test_no_fleet_task_sets_an_option_the_publisher_cannot_honour(tmp_path: Path) -> None:
     from fleet_worker.publisher import _exec_options
+    from fleet_worker.tasks import dispatch
 
     app = make_celery(broker_settings(tmp_path, "filesystem://"))
+    dispatch.register(app)  # a worker's app
     app.finalize()
+    assert DISPATCH_TASK in app.tasks
     for name in app.tasks:
         _exec_options(app, name)  # raises for a routing option
