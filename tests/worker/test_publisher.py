@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import datetime as dt
 import json
 import logging
+import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -222,7 +226,10 @@ def test_each_message_goes_with_its_task_sent_event(tmp_path: Path, redis_url: s
         while message := events.get_message(timeout=0.1):
             envelope = json.loads(message["data"])
             assert envelope["properties"]["body_encoding"] == "base64"
-            sent.append(json.loads(base64.b64decode(envelope["body"])))
+            event = json.loads(base64.b64decode(envelope["body"]))
+            # Other tests' processes may send events in this database (a worker: lists).
+            if isinstance(event, dict) and event.get("pid") == os.getpid():
+                sent.append(event)
         return len(sent) == 3
 
     wait_until(three, timeout=10, what="three task-sent events")
@@ -234,3 +241,133 @@ def test_each_message_goes_with_its_task_sent_event(tmp_path: Path, redis_url: s
     for name, task_id in (("fleet.cap.code:python", "tsk_0"), ("fleet.cap.code:python", "tsk_1")):
         assert take(settings, name).decode()[0] == [task_id]
     assert take(settings, "fleet.cap.code:rust").decode()[0] == ["tsk_9"]
+
+
+#: Fields that differ between any two sends: the task's id (and the ids derived from it), the
+#: sending thread's oid, kombu's delivery tag, the event's time and clock.
+_PER_SEND = {"id", "root_id", "correlation_id", "reply_to", "delivery_tag", "uuid"}
+_PER_EVENT = {"timestamp", "clock", "utcoffset"}
+
+
+def _about(iso_time: str) -> int:
+    """An absolute time to within 10 s (as sent a few milliseconds apart)."""
+    return round(dt.datetime.fromisoformat(iso_time).timestamp() / 10)
+
+
+def _normalized(envelope: dict[str, Any], per_send: set[str]) -> dict[str, Any]:
+    headers = {k: v for k, v in envelope["headers"].items() if k not in per_send}
+    if headers.get("expires"):  # an absolute time, a few milliseconds apart
+        headers["expires"] = _about(headers["expires"])
+    properties = envelope["properties"]
+    body = json.loads(base64.b64decode(envelope["body"]))
+    if isinstance(body, dict):  # an event
+        body = {k: v for k, v in body.items() if k not in per_send | _PER_EVENT}
+        if body.get("expires"):
+            body["expires"] = _about(body["expires"])
+    return {
+        **{k: v for k, v in envelope.items() if k not in ("headers", "properties", "body")},
+        "headers": headers,
+        "properties": {
+            k: v for k, v in properties.items() if k not in per_send and k != "delivery_info"
+        }
+        | {"delivery_info": properties["delivery_info"]},
+        "body": body,
+    }
+
+
+@pytest.mark.parametrize("finalized", [False, True], ids=["api-app", "worker-app"])
+def test_messages_and_events_are_the_ones_send_task_sends(
+    tmp_path: Path, redis_url: str, finalized: bool
+) -> None:
+    # The publisher builds its messages itself (Celery's as_task_v2, a header template):
+    # what reaches the broker is what app.send_task sent for the same wake-ups and syncs,
+    # whether the sending app has the sync task's options registered (a worker) or not.
+    import redis
+
+    from fleet_worker.tasks import dispatch
+    from fleet_worker.tasks.forgejo import sync_message
+
+    settings = broker_settings(tmp_path, redis_url)
+    client = redis.Redis.from_url(redis_url)
+    events = client.pubsub()
+    events.psubscribe("*celeryev*")
+    confirmed = wait_until(lambda: events.get_message(timeout=0.1), timeout=5, what="psubscribe")
+    assert confirmed["type"] == "psubscribe"
+    # Queues of their own: another test's worker may consume fleet.forgejo in this database.
+    own = uuid.uuid4().hex
+    sends: list[Publish | Any] = [
+        Publish("tsk_cap", own, None),
+        Publish("tsk_agent", "code:python", f"agt_{own}"),
+        replace(sync_message("tsk_sync"), queue=f"fleet.sync.{own}"),
+        replace(sync_message("tsk_sweep", force=True, retry=False), queue=f"fleet.sync.{own}"),
+    ]
+    app = make_celery(settings)
+    if finalized:  # a worker's app: every task registered, with its options
+        dispatch.register(app)
+        app.finalize()
+    publisher = Publisher(app)
+    try:
+        publisher.publish(sends)
+        assert publisher.flush(timeout=10) and publisher.sent == len(sends)
+    finally:
+        publisher.close()
+    reference = make_celery(settings)
+    if finalized:
+        dispatch.register(reference)
+        reference.finalize()
+    for item in sends:  # the publisher's former call
+        if isinstance(item, Publish):
+            task, name, args, kwargs, extra = (
+                DISPATCH_TASK,
+                queue_name(item),
+                [item.task_id],
+                {},
+                {},
+            )
+        else:
+            task, name, args, kwargs = item.task, item.queue, list(item.args), item.kwargs
+            extra = {"expires": item.expires} if item.expires else {}
+        reference.send_task(
+            task,
+            args=args,
+            kwargs=kwargs,
+            queue=wake_queue(name),
+            retry=False,
+            ignore_result=True,
+            add_to_parent=False,
+            **extra,
+        )
+    for name in (f"fleet.cap.{own}", f"fleet.agent.agt_{own}", f"fleet.sync.{own}"):
+        queued = [json.loads(m) for m in reversed(client.lrange(name, 0, -1))]  # oldest first
+        half = len(queued) // 2
+        for ours, theirs in zip(queued[:half], queued[half:], strict=True):
+            for envelope in (ours, theirs):  # the fields left out of the comparison
+                assert envelope["headers"]["id"] == envelope["properties"]["correlation_id"]
+                assert envelope["properties"]["reply_to"]
+            assert _normalized(ours, _PER_SEND) == _normalized(theirs, _PER_SEND)
+    sent: list[dict[str, Any]] = []
+
+    def all_events() -> bool:
+        while message := events.get_message(timeout=0.1):
+            event = json.loads(message["data"])
+            body = json.loads(base64.b64decode(event["body"]))  # a worker's: a list of events
+            if isinstance(body, dict) and own in body.get("queue", ""):
+                sent.append(event)
+        return len(sent) == 2 * len(sends)
+
+    wait_until(all_events, timeout=10, what="the task-sent events")
+    ours_events, theirs_events = sent[: len(sends)], sent[len(sends) :]
+    for ours, theirs in zip(ours_events, theirs_events, strict=True):
+        assert _normalized(ours, _PER_SEND) == _normalized(theirs, _PER_SEND)
+
+
+def test_no_fleet_task_sets_an_option_the_publisher_cannot_honour(tmp_path: Path) -> None:
+    from fleet_worker.publisher import _exec_options
+    from fleet_worker.tasks import dispatch
+
+    app = make_celery(broker_settings(tmp_path, "filesystem://"))
+    dispatch.register(app)  # a worker's app
+    app.finalize()
+    assert DISPATCH_TASK in app.tasks
+    for name in app.tasks:
+        _exec_options(app, name)  # raises for a routing option
