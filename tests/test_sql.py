@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from sqlalchemy.dialects import postgresql
+
 from fleet_common.dispatch import claim
 from fleet_common.sql import compact
 from fleet_common.tasks import lease_sql
-from sqlalchemy.dialects import postgresql
 
 
 def test_compact_keeps_literals_and_binds() -> None:

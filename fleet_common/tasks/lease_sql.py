@@ -19,10 +19,10 @@ from typing import Any
 from sqlalchemy import Integer, String, column, text
 from sqlalchemy.orm import Session
 
-from fleet_common.sql import compact
 from fleet_common.auth import tokens
 from fleet_common.dispatch import claim
 from fleet_common.forgejo import writeback
+from fleet_common.sql import compact
 from fleet_common.tasks import state
 from fleet_common.tasks.models import TaskStatus
 
