@@ -35,6 +35,7 @@ from fleet_common.db import JSONType, Prebuilt, utcnow
 from fleet_common.dispatch.routing import servable_keys
 from fleet_common.forgejo import writeback
 from fleet_common.settings import OrchestratorSettings
+from fleet_common.sql import compact
 from fleet_common.tasks import lease, state
 from fleet_common.tasks.models import ACTIVE, Task, TaskStatus
 
@@ -159,7 +160,7 @@ def _claim_statement(picked: str) -> TextualSelect:
     returned = ", ".join(f"claimed.{column.name}" for column in _TASK_COLUMNS)
     picked = picked.format(at="", room=_HAS_ROOM)
     sql = f"WITH {picked},\n{_dispatch(start=False)}\nSELECT {returned} FROM claimed"
-    return text(sql).columns(*_TASK_COLUMNS)
+    return text(compact(sql)).columns(*_TASK_COLUMNS)
 
 
 def started_ctes(picked: str, room: str = _HAS_ROOM, *, agent: bool = True) -> str:
@@ -183,7 +184,7 @@ STARTED_COLUMNS: tuple[Any, ...] = (*_AGENT_RETURNED, *_RUN_COLUMNS)
 
 def _started_statement(picked: str) -> TextualSelect:
     sql = f"WITH {started_ctes(picked)}\nSELECT {STARTED_RESULT} FROM {STARTED_FROM}"
-    return text(sql).columns(*STARTED_COLUMNS)
+    return text(compact(sql)).columns(*STARTED_COLUMNS)
 
 
 # The usual case: lock only the best free head (re-checked once locked: a head claimed

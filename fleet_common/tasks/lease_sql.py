@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from fleet_common.auth import tokens
 from fleet_common.dispatch import claim
 from fleet_common.forgejo import writeback
+from fleet_common.sql import compact
 from fleet_common.tasks import state
 from fleet_common.tasks.models import TaskStatus
 
@@ -81,10 +82,12 @@ _THEN_CLAIM = {
 #: claim (``then_claim``).
 _COMPLETES = {
     (log, then_claim): text(
-        _COMPLETE.format(
-            room=_ROOM if log else "",
-            chunk=_CHUNK if log else "",
-            **(_THEN_CLAIM if then_claim else _ALONE),
+        compact(
+            _COMPLETE.format(
+                room=_ROOM if log else "",
+                chunk=_CHUNK if log else "",
+                **(_THEN_CLAIM if then_claim else _ALONE),
+            )
         )
     ).columns(*_DONE_COLUMNS, *(claim.STARTED_COLUMNS if then_claim else ()))
     for log in (False, True)

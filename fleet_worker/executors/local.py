@@ -32,7 +32,6 @@ import queue
 import select
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import threading
@@ -41,10 +40,14 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any
 
+from fleet_worker.executors import local_fs
 from fleet_worker.executors.base import DirsStep, ExecResult, Executor, ProcessHandle, StartFailed
 
 #: The only variables the agent inherits from the worker: Fleet's secrets must not leak.
 INHERITED_ENV = ("PATH", "HOME", "LANG")
+
+#: How long closing the executor waits for removed workspaces to be deleted.
+CLOSE_WAIT_SECS = 10.0
 
 _PR_SET_PDEATHSIG = 1
 
@@ -317,13 +320,14 @@ class LocalExecutor(Executor):
         return _LocalProcess(popen)
 
     def dirs(self, step: DirsStep, **run: Any) -> ExecResult:
-        """Remove and create the directories in this process: no ``rm``/``mkdir`` to start."""
+        """Remove and create the directories in this process: no ``rm``/``mkdir`` to start
+        (:mod:`local_fs`: a removed tree is renamed away and deleted by another thread)."""
         started = time.monotonic()
         try:
             for path in step.remove:
-                _remove_tree(path)
+                local_fs.remove_tree(path)
             for path in step.make:
-                os.makedirs(path, exist_ok=True)
+                local_fs.make_dirs(path)
         except OSError as exc:
             run["on_output"](f"[fleet] {step.name}: {exc}\n".encode())
             return ExecResult(1, duration_secs=time.monotonic() - started)
@@ -331,10 +335,12 @@ class LocalExecutor(Executor):
 
     def write_file(self, path: str, data: bytes, *, append: bool = False) -> None:
         """Write ``data`` to a local file readable by this user only."""
-        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
-        fd = os.open(path, flags, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+        local_fs.write_file(path, data, append=append)
+
+    def close(self) -> None:
+        """Let the trees removed so far be deleted (a process that exits leaves them to the
+        next one otherwise)."""
+        local_fs.wait_removed(CLOSE_WAIT_SECS)
 
     def read_file(self, path: str, limit: int) -> bytes | None:
         """At most ``limit`` bytes of a local file, ``None`` if it does not exist."""
@@ -343,19 +349,6 @@ class LocalExecutor(Executor):
                 return fh.read(limit)
         except FileNotFoundError:
             return None
-
-
-def _remove_tree(path: str) -> None:
-    """``rm -rf -- path``: a directory tree, a file or a symlink (not its target); no error if
-    it does not exist."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if stat.S_ISDIR(mode):
-        shutil.rmtree(path)
-    else:
-        os.unlink(path)
 
 
 def _executable(name: str, cwd: str | None, path: str) -> str:

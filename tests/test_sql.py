@@ -1,0 +1,27 @@
+"""``fleet_common.sql.compact``: layout removed, literals and binds kept."""
+
+from __future__ import annotations
+
+from sqlalchemy.dialects import postgresql
+
+from fleet_common.dispatch import claim
+from fleet_common.sql import compact
+from fleet_common.tasks import lease_sql
+
+
+def test_compact_keeps_literals_and_binds() -> None:
+    sql = """
+    SELECT a ,  b FROM t
+    WHERE x = :x AND y <= :y AND s = 'two  spaces, (kept)'   AND n = 'it''s  so'
+      AND z IN ( 'a', 'b' ) AND w = e - 1"""
+    assert compact(sql) == (
+        "SELECT a,b FROM t WHERE x=:x AND y<=:y AND s='two  spaces, (kept)' "
+        "AND n='it''s  so' AND z IN('a','b')AND w=e - 1"
+    )
+
+
+def test_hot_statements_fit_psycopgs_query_cache() -> None:
+    dialect = postgresql.psycopg.dialect()  # type: ignore[attr-defined]
+    hot = [*lease_sql._COMPLETES.values(), claim._PG_CLAIM_START, claim._PG_WALK_START]
+    for statement in hot:
+        assert len(str(statement.compile(dialect=dialect)).encode()) <= 4096
