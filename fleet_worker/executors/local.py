@@ -42,6 +42,7 @@ from typing import Any
 
 from fleet_worker.executors import local_fs
 from fleet_worker.executors.base import DirsStep, ExecResult, Executor, ProcessHandle, StartFailed
+from fleet_worker.executors.served_queue import ServedQueue
 
 #: The only variables the agent inherits from the worker: Fleet's secrets must not leak.
 INHERITED_ENV = ("PATH", "HOME", "LANG")
@@ -117,25 +118,19 @@ class _Spawner:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._queue: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] | None = None
-        self._pid = 0
+        self._jobs: ServedQueue[tuple[Callable[[], Any], Future[Any]]] = ServedQueue(
+            "fleet-spawner", self._loop
+        )
         os.register_at_fork(after_in_child=self._after_fork)
 
     def _after_fork(self) -> None:
-        # A forked child (Celery prefork) has the lock state but not the thread: start afresh.
+        # A forked child (Celery prefork) has the lock's state: a lock of its own.
         self._lock = threading.Lock()
-        self._queue = None
 
     def call(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on the spawner thread and return its result (or raise its exception)."""
         with self._lock:
-            if self._queue is None or self._pid != os.getpid():
-                self._queue = queue.SimpleQueue()
-                self._pid = os.getpid()
-                threading.Thread(
-                    target=self._loop, args=(self._queue,), name="fleet-spawner", daemon=True
-                ).start()
-            jobs = self._queue
+            jobs = self._jobs.jobs()
         done: Future[Any] = Future()
         jobs.put((fn, done))
         return done.result()

@@ -22,6 +22,8 @@ import shutil
 import stat
 import threading
 
+from fleet_worker.executors.served_queue import ServedQueue
+
 log = logging.getLogger("fleet.worker")
 
 _TRASH_MARK = ".removing-"
@@ -77,8 +79,7 @@ class _Remover:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._queue: queue.SimpleQueue[str] | None = None
-        self._pid = 0
+        self._jobs: ServedQueue[str] = ServedQueue("fleet-remover", self._loop)
         self._names = itertools.count()
         self._swept: set[str] = set()
         self._pending = 0
@@ -86,10 +87,10 @@ class _Remover:
         os.register_at_fork(after_in_child=self._after_fork)
 
     def _after_fork(self) -> None:
-        # A forked child (Celery prefork) has the lock state but not the thread: start afresh.
+        # A forked child (Celery prefork) has the lock's state and the counts, not the thread.
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
-        self._queue, self._pending, self._swept = None, 0, set()
+        self._pending, self._swept = 0, set()
 
     def remove(self, path: str) -> None:
         parent, name = posixpath.split(path.rstrip("/"))
@@ -105,19 +106,14 @@ class _Remover:
 
     def _put(self, trash: str, parent: str) -> None:
         with self._lock:
-            if self._queue is None or self._pid != os.getpid():
-                self._queue = queue.SimpleQueue()
-                self._pid = os.getpid()
-                threading.Thread(
-                    target=self._loop, args=(self._queue,), name="fleet-remover", daemon=True
-                ).start()
+            jobs = self._jobs.jobs()
             sweep = parent not in self._swept
             self._swept.add(parent)
             self._pending += 1
-            self._queue.put(trash)
+            jobs.put(trash)
             if sweep:
                 self._pending += 1
-                self._queue.put(parent + "/")  # a directory to sweep for leftovers
+                jobs.put(parent + "/")  # a directory to sweep for leftovers
 
     def wait(self, timeout: float) -> bool:
         """Wait until every tree handed over so far is deleted (at most ``timeout`` s)."""
