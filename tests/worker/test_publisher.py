@@ -362,7 +362,7 @@ def test_messages_and_events_are_the_ones_send_task_sends(
 
 
 def test_no_fleet_task_sets_an_option_the_publisher_cannot_honour(tmp_path: Path) -> None:
-    from fleet_worker.publisher import _exec_options
+    from fleet_worker.task_messages import _exec_options
     from fleet_worker.tasks import dispatch
 
     app = make_celery(broker_settings(tmp_path, "filesystem://"))
