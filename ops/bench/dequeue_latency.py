@@ -47,32 +47,38 @@ def measure(base_url: str, join_token: str, name: str, warmup: int, count: int) 
 
 def explain_claim(db_url: str, agent_id: str) -> str:
     """EXPLAIN ANALYZE of the claim statement, as ``claim_for_reply`` sends it (captured from
-    a real claim, then explained; both rolled back)."""
-    from sqlalchemy import event
+    a real claim on its way to psycopg, then explained; both rolled back)."""
+    from psycopg import RawCursor
 
-    from fleet_common.db import Database
+    from fleet_common import db as fleet_db
     from fleet_common.dispatch.claim import claim_for_reply
     from fleet_common.settings import OrchestratorSettings
 
-    db = Database(db_url, pool_size=1)
     sent: list[tuple[str, Any]] = []
 
-    @event.listens_for(db.engine, "before_cursor_execute")
-    def _capture(_conn: Any, _cursor: Any, statement: str, params: Any, *_rest: Any) -> None:
-        if statement.lstrip().startswith("WITH"):
-            sent.append((statement, params))
+    class Capturing(RawCursor):  # type: ignore[type-arg]
+        def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
+            if str(query).lstrip().startswith("WITH"):
+                sent.append((str(query), params))
+            return super().execute(query, params, **kwargs)
 
+    db = fleet_db.Database(db_url, pool_size=1)
+    original, fleet_db.RawCursor = fleet_db.RawCursor, Capturing  # type: ignore[misc]
     try:
         with db.engine.connect() as conn:
             with db.sessions(bind=conn) as session:
                 claim_for_reply(session, OrchestratorSettings(), agent_id)
                 session.rollback()
+            if not sent:
+                raise RuntimeError("the claim statement did not go through psycopg's RawCursor")
             statement, params = sent[0]
-            explain = "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) " + statement
-            plan = "\n".join(f"     {row[0]}" for row in conn.exec_driver_sql(explain, params))
+            cursor = RawCursor(conn.connection.driver_connection)
+            cursor.execute("EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) " + statement, params)
+            plan = "\n".join(f"     {row[0]}" for row in cursor.fetchall())
             conn.rollback()
         return plan
     finally:
+        fleet_db.RawCursor = original  # type: ignore[misc]
         db.dispose()
 
 

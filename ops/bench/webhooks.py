@@ -55,7 +55,7 @@ SECRET = "bench-secret"
 TRIGGER = "kind/bug"  # a label the template's issue carries
 HOOK = "/api/v1/webhooks/forgejo"
 P99_TARGET_MS = 50.0
-WARM_UP = 60
+WARM_UP_SECS = 2.0  # at the run's rate and layout: pools, threads and connections grown
 
 
 def log(message: str) -> None:
@@ -373,6 +373,11 @@ def main() -> int:
         action="store_true",
         help="no [forgejo] url: intake only, no write-back syncs queued (to compare)",
     )
+    parser.add_argument(
+        "--timeline",
+        type=Path,
+        help="write every delivery's (number, scheduled, sent, answered, status) as JSON lines",
+    )
     args = parser.parse_args()
     count = int(args.rate * args.duration)
     with (
@@ -391,8 +396,9 @@ def main() -> int:
             pgid,
         ),
     ):
-        log(f"fleet api on :{port} ({args.workers} workers); warming up")
-        send_all(port, 1, WARM_UP, 50.0, 1, 2)
+        warm_up = int(args.rate * WARM_UP_SECS)
+        log(f"fleet api on :{port} ({args.workers} workers); warming up ({warm_up} deliveries)")
+        send_all(port, 1, warm_up, args.rate, args.clients, args.threads)
         log(f"sending {count} deliveries at {args.rate:g}/s from {args.clients}x{args.threads}")
         before = (
             group_cpu(pgid),
@@ -401,7 +407,7 @@ def main() -> int:
             machine_busy(),
             time.monotonic(),
         )
-        results = send_all(port, WARM_UP + 1, count, args.rate, args.clients, args.threads)
+        results = send_all(port, warm_up + 1, count, args.rate, args.clients, args.threads)
         time.sleep(1.0)
         after = (
             group_cpu(pgid),
@@ -412,6 +418,10 @@ def main() -> int:
         )
         cpu = Cpu(*(b - a for a, b in zip(before, after, strict=True)))
         counts = tasks_per_issue(database_url)
+    if args.timeline:
+        with args.timeline.open("w") as out:
+            for result in sorted(results, key=lambda r: r[2]):
+                out.write(json.dumps(result[:5]) + "\n")
     return report(args, results, counts, cpu)
 
 
