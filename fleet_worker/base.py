@@ -46,3 +46,7 @@ class FleetTask(Task):
     def log(self, message: str, *args: Any) -> None:
         """Log at INFO; the worker's task log format adds the task's name and id."""
         logger.info(message, *args)
+
+    def debug(self, message: str, *args: Any) -> None:
+        """Log at DEBUG, as :meth:`log` does at INFO."""
+        logger.debug(message, *args)

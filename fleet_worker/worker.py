@@ -25,6 +25,11 @@ from fleet_worker.tasks import dispatch
 
 log = logging.getLogger("fleet.worker")
 
+#: Celery's own lines per message ("Task ... received", "... succeeded"): a wake-up is not a
+#: task to the operator, whose attempt's outcome Fleet logs once (``fleet.worker``); shown at
+#: DEBUG. Their errors and warnings are always shown.
+PER_MESSAGE_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
+
 #: What a worker's wake-up to itself carries instead of a task id (a wake-up is only a hint).
 CONNECTED_HINT = "(broker connected)"
 
@@ -83,6 +88,12 @@ def run_worker(settings: Settings, host_id: str | None = None, *, loglevel: str 
     app.fleet_host = worker
     app.steps["consumer"].add(WakeOnConnect)
     grace = settings.orchestrator.worker_shutdown_grace_secs
+
+    @signals.after_setup_logger.connect(weak=False)
+    def _per_message_lines(**_: Any) -> None:
+        if logging.getLevelName(loglevel.upper()) != logging.DEBUG:
+            for name in PER_MESSAGE_LOGGERS:
+                logging.getLogger(name).setLevel(logging.WARNING)
 
     @signals.worker_shutting_down.connect(weak=False)
     def _shutting_down(**_: Any) -> None:

@@ -209,8 +209,9 @@ picked AS (
 )"""  # noqa: S608
 _PG_CLAIM = _claim_statement(_PICK_HEAD)
 _PG_WALK = _claim_statement(_PICK_WALKING)
-_PG_CLAIM_START = _started_statement(_PICK_HEAD)
-_PG_WALK_START = _started_statement(_PICK_WALKING)
+# The worker's, run by the driver too (see Prebuilt).
+_PG_CLAIM_START = Prebuilt(_started_statement(_PICK_HEAD))
+_PG_WALK_START = Prebuilt(_started_statement(_PICK_WALKING))
 #: The worker's claim as part of its completion's statement (``lease_sql``, whose CTE ``done``
 #: is the completed task, ``:task_id``): only after that completion, and counting the
 #: capacity without the task it completes (still running in the statement's snapshot). The
@@ -328,9 +329,8 @@ def claim_and_start(
             lease.report_status(session, held, TaskStatus.RUNNING, None, now=utcnow())
         return claim, reading
     params, token = started_params(settings, agent_id, reading)
-    connection = session.connection()
     for statement in (_PG_CLAIM_START, _PG_WALK_START):
-        row = connection.execute(statement, params).first()
+        row = statement.execute(session, params).first()
         claim, now = read_started(session, row, token)
         if claim is not None or now != reading:
             return claim, now

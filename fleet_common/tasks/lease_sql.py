@@ -20,6 +20,7 @@ from sqlalchemy import Integer, String, column, text
 from sqlalchemy.orm import Session
 
 from fleet_common.auth import tokens
+from fleet_common.db import Prebuilt
 from fleet_common.dispatch import claim
 from fleet_common.forgejo import writeback
 from fleet_common.sql import compact
@@ -79,17 +80,19 @@ _THEN_CLAIM = {
     "result": f"{_DONE}, {claim.STARTED_RESULT} FROM done LEFT JOIN ({claim.STARTED_FROM}) ON true",
 }
 #: The completion, quiet or with the log's chunk (``log``), alone or with the worker's next
-#: claim (``then_claim``).
+#: claim (``then_claim``); run by the driver (see :class:`Prebuilt`).
 _COMPLETES = {
-    (log, then_claim): text(
-        compact(
-            _COMPLETE.format(
-                room=_ROOM if log else "",
-                chunk=_CHUNK if log else "",
-                **(_THEN_CLAIM if then_claim else _ALONE),
+    (log, then_claim): Prebuilt(
+        text(
+            compact(
+                _COMPLETE.format(
+                    room=_ROOM if log else "",
+                    chunk=_CHUNK if log else "",
+                    **(_THEN_CLAIM if then_claim else _ALONE),
+                )
             )
-        )
-    ).columns(*_DONE_COLUMNS, *(claim.STARTED_COLUMNS if then_claim else ()))
+        ).columns(*_DONE_COLUMNS, *(claim.STARTED_COLUMNS if then_claim else ()))
+    )
     for log in (False, True)
     for then_claim in (False, True)
 }
@@ -141,7 +144,7 @@ def complete_plain(
         size = len(data.encode("utf-8", "replace"))
         params.update(seq=seq, data=data, size=size, max_bytes=max_bytes)
     statement = _COMPLETES[with_log, then_claim is not None]
-    row = session.connection().execute(statement, params).first()
+    row = statement.execute(session, params).first()
     if row is not None and row.done_issue_number is not None:
         writeback.inserted(session, [row.done_id])  # the write-back's flush hook cannot see it
     return row

@@ -22,5 +22,5 @@ def dispatch(task: FleetTask, task_id: str) -> None:
         return
     delivery = task.request.delivery_info or {}
     ran = host.serve(delivery.get("routing_key"))
-    if ran:
-        task.log("woken for %s: ran %d attempt(s)", task_id, ran)
+    if ran:  # each attempt's outcome has a line of its own (INFO)
+        task.debug("woken for %s: ran %d attempt(s)", task_id, ran)

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from fleet_worker.publisher import DISPATCH_TASK
 from tests import services
 from tests.e2e.conftest import POSTGRES, SQLITE, SystemFactory
 from tests.e2e.system import Proc, alive, clean_environ, descendants, fleet_argv, local_host
@@ -44,7 +45,7 @@ def test_a_task_submitted_to_the_api_is_run_by_a_worker(
         hosts=[local_host("e2e-host", tmp_path, {"agent_type": "demo", "max_concurrency": 2})],
         agent_types={},
     )
-    system.start_worker("e2e-host")
+    worker = system.start_worker("e2e-host")
 
     started = time.monotonic()
     created = system.submit("Say hello", prompt="Write a greeting\nto the whole team")
@@ -69,6 +70,9 @@ def test_a_task_submitted_to_the_api_is_run_by_a_worker(
     assert "Write a greeting" in receipt["summary"]
     # The workspace is removed after success (cleanup = on_success).
     assert not (tmp_path / "work" / "e2e-host" / task["id"]).exists()
+    # One line per attempt in the worker's log, Fleet's; not Celery's per wake-up message.
+    worker.wait_for_log(f"task {task['id']} attempt 1: succeeded", timeout=10)
+    assert f"{DISPATCH_TASK}[" not in worker.log(), worker.tail()
 
     print(
         f"\n[{backend_name}] submit -> completed: {elapsed:.3f}s measured by the client; "
