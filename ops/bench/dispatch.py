@@ -169,6 +169,7 @@ class Fleet:
     def __init__(self, name: str, root: Path, concurrency: int, **env: str) -> None:
         self.name = name
         self.root = root
+        self.database_url = env.get("FLEET_DATABASE_URL", "")  # PostgreSQL's, else embedded
         self.stamps = root / "stamps"
         self.stamps.mkdir(parents=True)
         config = root / "fleet.toml"
@@ -270,6 +271,7 @@ agents = [
             assert status == 201, reply
 
         cpu = group_cpu(self.process.proc.pid)
+        database = harness.backends_cpu(self.database_url) if self.database_url else 0.0
         began = time.time()
         with ThreadPoolExecutor(clients) as pool:
             list(pool.map(submit_one, range(count)))
@@ -281,6 +283,9 @@ agents = [
 
         wait_for(done, 60 + count, f"{self.name}: {count} tasks completed", 0.25)
         cpu = cpu_since(cpu, self.process.proc.pid, count)
+        if self.database_url:
+            database = harness.backends_cpu(self.database_url) - database
+            cpu["postgresql"] = database / count * 1000
         finished = []
         for page in range(1, count // 500 + 2):
             rows = self._get("/tasks", label=label, page=page, page_size=500).json()
@@ -541,6 +546,8 @@ def report_throughput(r: dict[str, Any]) -> None:
     for name, t in rows[1:]:
         split = ", ".join(f"{role} {t.cpu[role]:.1f}" for role in ROLES if role in t.cpu)
         print(f"  {name:<34} {split}; reaped children {t.cpu['children']:.1f}")
+        if "postgresql" in t.cpu:
+            print(f"  {'':<34} + PostgreSQL backends {t.cpu['postgresql']:.1f} (not in the total)")
     ratio = r["fleet_tps"].tasks_per_sec / r["bare_tps"].tasks_per_sec
     checks = [(ratio >= 0.5, f"Fleet throughput {ratio:.2f}x bare >= 0.5x")]
     if "fleet_lat" in r:

@@ -99,19 +99,6 @@ def machine_busy() -> float:
     return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
-def backends_cpu(database_url: str) -> float:
-    """CPU seconds of the PostgreSQL backends connected to the benchmark's database (the
-    server runs on this machine)."""
-    import psycopg
-
-    name = database_url.rsplit("/", 1)[1]
-    with psycopg.connect(harness.PG_ADMIN_URL, autocommit=True) as conn:
-        pids = conn.execute(
-            "SELECT pid FROM pg_stat_activity WHERE datname = %s", (name,)
-        ).fetchall()
-    return sum(_cpu(int(pid))[1] for (pid,) in pids)
-
-
 # -- services ----------------------------------------------------------------------------------
 
 
@@ -402,7 +389,7 @@ def main() -> int:
         log(f"sending {count} deliveries at {args.rate:g}/s from {args.clients}x{args.threads}")
         before = (
             group_cpu(pgid),
-            backends_cpu(database_url),
+            harness.backends_cpu(database_url),
             clients_cpu(),
             machine_busy(),
             time.monotonic(),
@@ -411,7 +398,7 @@ def main() -> int:
         time.sleep(1.0)
         after = (
             group_cpu(pgid),
-            backends_cpu(database_url),
+            harness.backends_cpu(database_url),
             clients_cpu(),
             machine_busy(),
             time.monotonic(),

@@ -225,6 +225,17 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def backends_cpu(database_url: str) -> float:
+    """CPU seconds of the PostgreSQL backends now connected to ``database_url``'s database
+    (the server runs on this machine; a backend that has already exited is not counted)."""
+    name = database_url.rsplit("/", 1)[1]
+    with connect(PG_ADMIN_URL, autocommit=True) as conn:
+        pids = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = %s", (name,)
+        ).fetchall()
+    return sum(process_cpu(int(pid)) for (pid,) in pids)
+
+
 class Gunicorn:
     """gunicorn serving ``app`` (a WSGI spec like ``fleet_api.wsgi:app``) as a subprocess."""
 
