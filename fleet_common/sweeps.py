@@ -10,14 +10,14 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from fleet_common.agents import commands
-from fleet_common.agents.models import Agent, AgentStatus, DesiredState
+from fleet_common.agents.models import Agent, AgentMode, AgentStatus, DesiredState
 from fleet_common.agents.service import release_tasks
 from fleet_common.auth import audit
-from fleet_common.dispatch.routing import can_serve
+from fleet_common.dispatch.routing import can_serve, requirements_of
 from fleet_common.forgejo.models import UNQUALIFIED, WebhookDelivery
 from fleet_common.settings import OrchestratorSettings, Settings
 from fleet_common.tasks import lease
@@ -113,7 +113,11 @@ def due_for_publish(
     session: Session, settings: OrchestratorSettings, now: dt.datetime
 ) -> list[Publish]:
     """Queued tasks never published, or whose last wake-up is older than ``relay_after_secs``
-    (a broker outage, a lost message, a retry whose backoff just ended). Marks them published;
+    (a broker outage, a lost message, a retry whose backoff just ended), as many per route as
+    the workers' agents that could claim them have free places: a wake-up beyond those would
+    find every place taken (a place that frees up claims the next task by itself, and a
+    worker that connects wakes itself), so a long backlog does not send its whole length again
+    every sweep. Marks every task looked at (sent or not: the next ones get their turn);
     the caller sends the wake-ups after commit."""
     stale = now - dt.timedelta(seconds=settings.relay_after_secs)
     due = session.scalars(
@@ -126,12 +130,52 @@ def due_for_publish(
         .order_by(Task.priority.desc(), Task.created_at)
         .limit(settings.sweep_batch_size)
         .with_for_update(skip_locked=True)
-    )
+    ).all()
+    places = free_places(session, {(task.req_key, task.assigned_agent_id) for task in due})
     out = []
     for task in due:
         task.last_published_at = now
-        out.append(Publish(task.id, task.req_key, task.assigned_agent_id))
+        route = (task.req_key, task.assigned_agent_id)
+        if places.get(route, 0) > 0:
+            places[route] -= 1
+            out.append(Publish(task.id, task.req_key, task.assigned_agent_id))
     return out
+
+
+Route = tuple[str, str | None]  # a task's requirement key and assigned agent
+
+
+def free_places(session: Session, routes: set[Route]) -> dict[Route, int]:
+    """For each route, the free places of the agents a wake-up on it can reach: live, online,
+    active ``ssh_cli`` agents (served by workers) that can serve the key (or the assigned one),
+    each place not held by a dispatched or running task, as a claim counts them."""
+    if not routes:
+        return {}
+    agents = session.execute(
+        select(Agent.id, Agent.capabilities, Agent.max_concurrency).where(
+            Agent.mode == AgentMode.SSH_CLI,
+            Agent.deleted_at.is_(None),
+            Agent.status == AgentStatus.ONLINE,
+            Agent.desired_state == DesiredState.ACTIVE,
+        )
+    ).all()
+    held: dict[str | None, int] = {
+        agent_id: count
+        for agent_id, count in session.execute(
+            select(Task.agent_id, func.count())
+            .where(Task.agent_id.in_([a.id for a in agents]), Task.status.in_(ACTIVE))
+            .group_by(Task.agent_id)
+        )
+    }
+    free = {a.id: max(0, a.max_concurrency - held.get(a.id, 0)) for a in agents}
+    places: dict[Route, int] = {}
+    for key, assigned in routes:
+        if assigned is not None:
+            places[key, assigned] = free.get(assigned, 0)
+        else:
+            needs = requirements_of(key)
+            places[key, None] = sum(free[a.id] for a in agents if can_serve(a.capabilities, needs))
+    return places
 
 
 def no_capable_agent(session: Session, settings: OrchestratorSettings, now: dt.datetime) -> int:
@@ -158,9 +202,7 @@ def no_capable_agent(session: Session, settings: OrchestratorSettings, now: dt.d
         )
     )
     hopeless = [
-        key
-        for key in keys
-        if not any(can_serve(caps, [] if key == "_" else key.split("+")) for caps in fleet_caps)
+        key for key in keys if not any(can_serve(caps, requirements_of(key)) for caps in fleet_caps)
     ]
     if not hopeless:
         return 0

@@ -41,6 +41,11 @@ def req_key(requirements: Iterable[str]) -> str:
     return "+".join(reqs) if reqs else NO_REQUIREMENTS
 
 
+def requirements_of(key: str) -> list[str]:
+    """The requirements a routing key stands for (:func:`req_key` undone)."""
+    return [] if key == NO_REQUIREMENTS else key.split("+")
+
+
 def queue_for_key(key: str) -> str:
     return f"fleet.cap.{key}"
 

@@ -20,6 +20,7 @@ from fleet_worker.runtime import runtime_of
 from fleet_worker.schedule import RELAY_TASK, SWEEPS_QUEUE
 from fleet_worker.tasks.sweeps import prune_processed
 from tests import services
+from tests.worker.conftest import worker_agent
 
 SWEEP_TASKS = {
     "fleet.sweep.heartbeats",
@@ -154,6 +155,7 @@ def test_the_relay_task_marks_then_publishes(tmp_path: Path) -> None:
     upgrade(settings.database_url)
     db = Database(settings.database_url)
     with db.session() as session:
+        worker_agent(session, ["relay-here"])  # a place free to claim the task
         task = tasks.create_task(
             session, settings, {"title": "t", "labels": ["agent:relay-here"]}, actor="test"
         ).task

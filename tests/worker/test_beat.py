@@ -20,7 +20,7 @@ from fleet_common.dispatch.routing import agent_queue, queue_for_key
 from fleet_common.tasks import service as tasks
 from fleet_common.tasks.models import Task, TaskEvent, TaskStatus
 from fleet_worker.publisher import DISPATCH_TASK, wake_queue
-from tests.worker.conftest import Stack
+from tests.worker.conftest import Stack, worker_agent
 
 SWEEP_WAIT = 30  # seconds; a sweep runs every second, the bound only guards against a hang
 
@@ -122,7 +122,7 @@ def receive(stack: Stack, queue_name: str) -> Any:
 def test_the_relay_publishes_wake_ups_for_queued_tasks(stack: Stack) -> None:
     capability = f"relay-{uuid.uuid4().hex[:8]}"
     with stack.db.session() as session:
-        agent_id = register_agent(session, capability, heartbeat_at=utcnow() + dt.timedelta(1 / 24))
+        agent_id = worker_agent(session, [capability], max_concurrency=2)
         by_capability = new_task(session, stack, labels=[f"agent:{capability}"])
         assigned = new_task(session, stack, assigned_agent_id=agent_id)
 
