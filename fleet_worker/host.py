@@ -27,6 +27,7 @@ from fleet_worker.attempt import Attempt, AttemptRun, Control
 from fleet_worker.db_reporter import DbReporter
 from fleet_worker.executors import make_executor
 from fleet_worker.executors.base import Executor
+from fleet_worker.host_lock import HostLock
 
 log = logging.getLogger("fleet.worker")
 
@@ -65,6 +66,7 @@ class HostWorker:
         *,
         executor: Executor | None = None,
         on_restart: Callable[[], None] | None = None,
+        host_lock: HostLock | None = None,
     ) -> None:
         self.settings = settings
         self.host = host
@@ -73,6 +75,7 @@ class HostWorker:
         self.slots = [Slot(i, cfg) for i, cfg in enumerate(host.agents)]
         self.stopping = False
         self.on_restart = on_restart
+        self.host_lock = host_lock
         self.pr_check = make_pr_check(settings) if settings.forgejo.enabled else lease.no_forge
         self._lock = threading.Lock()
         self._stop_heartbeats = threading.Event()
@@ -282,6 +285,16 @@ class HostWorker:
     def _heartbeat_loop(self) -> None:
         interval = self.settings.orchestrator.heartbeat_interval_secs
         while not self._stop_heartbeats.wait(interval):
+            if self.host_lock is not None and not self.host_lock.check():
+                log.error(
+                    "host %s: another worker holds its lock now (this one lost it with its"
+                    " database connection); stopping",
+                    self.host.host_id,
+                )
+                self.stopping = True
+                if self.on_restart is not None:
+                    self.on_restart()
+                return
             try:
                 self.heartbeat()
             except Exception:

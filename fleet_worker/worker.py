@@ -21,6 +21,7 @@ from fleet_common.settings import AgentSlotSettings, HostSettings, Settings
 from fleet_common.sweeps import Publish
 from fleet_worker.celery_app import make_celery
 from fleet_worker.host import HostWorker
+from fleet_worker.host_lock import HostLock, HostTaken
 from fleet_worker.tasks import dispatch
 
 log = logging.getLogger("fleet.worker")
@@ -83,7 +84,20 @@ def run_worker(settings: Settings, host_id: str | None = None, *, loglevel: str 
     # One connection per attempt thread, the heartbeat's, and one to spare.
     app.runtime.pool_size = sum(slot.max_concurrency for slot in host.agents) + 2
     db = app.runtime.database
-    worker = HostWorker(settings, host, db, on_restart=lambda: os.kill(os.getpid(), signal.SIGTERM))
+    host_lock = HostLock(db, host.host_id)
+    try:
+        host_lock.acquire()  # before register(), which fails what the host left running
+    except HostTaken as error:
+        log.error("%s", error)
+        app.runtime.close()
+        return 1
+    worker = HostWorker(
+        settings,
+        host,
+        db,
+        on_restart=lambda: os.kill(os.getpid(), signal.SIGTERM),
+        host_lock=host_lock,
+    )
     worker.register()
     app.fleet_host = worker
     app.steps["consumer"].add(WakeOnConnect)
@@ -123,5 +137,6 @@ def run_worker(settings: Settings, host_id: str | None = None, *, loglevel: str 
         code = app.start(argv=argv)
     finally:
         worker.close()
+        host_lock.release()
         app.runtime.close()
     return int(code or 0)

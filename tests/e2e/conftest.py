@@ -24,6 +24,11 @@ __all__ = ["SSHServer", "sshd_server"]
 
 SQLITE = "sqlite+filesystem"
 POSTGRES = "postgres+redis"
+#: Both backends, as test parameters (PostgreSQL + Redis marked as needing them).
+BACKENDS = [
+    pytest.param(SQLITE, id=SQLITE),
+    pytest.param(POSTGRES, id=POSTGRES, marks=[pytest.mark.postgres, pytest.mark.redis]),
+]
 
 
 @contextmanager

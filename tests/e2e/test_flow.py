@@ -21,13 +21,9 @@ import requests
 
 from fleet_worker.publisher import DISPATCH_TASK
 from tests import services
-from tests.e2e.conftest import POSTGRES, SQLITE, SystemFactory
+from tests.e2e.conftest import BACKENDS, SystemFactory
 from tests.e2e.system import Proc, alive, clean_environ, descendants, fleet_argv, local_host
 
-BACKENDS = [
-    pytest.param(SQLITE, id=SQLITE),
-    pytest.param(POSTGRES, id=POSTGRES, marks=[pytest.mark.postgres, pytest.mark.redis]),
-]
 #: Ceiling for one demo task; typical runs take well under a second once the worker is up.
 TASK_TIMEOUT = 60.0
 
