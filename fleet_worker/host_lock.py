@@ -144,6 +144,7 @@ class HostLock:
             return  # a database of this process alone: no other worker can share it
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", self.host_id)
         path = Path(f"{database}.host-{safe}.lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
         handle = path.open("a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
