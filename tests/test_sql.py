@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy.dialects import postgresql
 
+from fleet_common.db import Prebuilt, _OnDriver
 from fleet_common.dispatch import claim
 from fleet_common.sql import compact
 from fleet_common.tasks import lease_sql
@@ -20,8 +21,14 @@ def test_compact_keeps_literals_and_binds() -> None:
     )
 
 
-def test_hot_statements_fit_psycopgs_query_cache() -> None:
+def test_hot_worker_statements_reach_psycopg_unconverted() -> None:
+    """The worker's claim and completion statements run by psycopg's RawCursor (Prebuilt):
+    their ``$n`` placeholders are numbered once, so psycopg converts nothing per call,
+    whatever their length (it caches the conversion of a pyformat query only up to 4,096
+    bytes)."""
     dialect = postgresql.psycopg.dialect()  # type: ignore[attr-defined]
     hot = [*lease_sql._COMPLETES.values(), claim._PG_CLAIM_START, claim._PG_WALK_START]
     for statement in hot:
-        assert len(str(statement.compile(dialect=dialect)).encode()) <= 4096
+        assert isinstance(statement, Prebuilt)
+        raw = _OnDriver(statement.on(dialect), dialect).raw_sql
+        assert "$1" in raw and "%(" not in raw
