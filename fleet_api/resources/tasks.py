@@ -7,7 +7,6 @@ from typing import Any
 import marshmallow as ma
 from flask import request
 from flask.views import MethodView
-from flask_smorest import Blueprint
 from marshmallow import validate
 
 from fleet_api import context, lean
@@ -17,7 +16,7 @@ from fleet_common.sweeps import Publish
 from fleet_common.tasks import logs, service
 from fleet_common.tasks.models import Task
 
-blp = Blueprint("tasks", __name__, url_prefix="/api/v1/tasks", description="Tasks")
+blp = lean.Blueprint("tasks", __name__, url_prefix="/api/v1/tasks", description="Tasks")
 
 LABEL = ma.fields.String(validate=validate.Length(min=1, max=200))
 
