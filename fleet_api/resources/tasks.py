@@ -114,7 +114,7 @@ def wake(task: Task) -> None:
 
 @blp.route("")
 class Tasks(MethodView):
-    @context.admin
+    @context.admin_lean
     @blp.arguments(TaskCreateSchema)
     @blp.response(201, CreatedTaskSchema)
     @blp.alt_response(200, schema=CreatedTaskSchema, description="Idempotent replay")

@@ -133,10 +133,16 @@ def event_data(changes: dict[str, Any], data: dict[str, Any] | None) -> dict[str
 
 def record_creation(session: Session, task: Task, actor: str) -> TaskEvent:
     """The first event: a snapshot of every projected column."""
+    row = creation_event(task, actor)
+    session.add(row)
+    return row
+
+
+def creation_event(task: Task, actor: str) -> TaskEvent:
+    """:func:`record_creation`'s event, applied to ``task`` but added to no session (for
+    callers that insert the task and its event with Core statements)."""
     changes = {name: getattr(task, name) for name in PROJECTED if name != "status"}
-    return _write(
-        session, task, None, task.status, "created", actor, changes, None, task.created_at
-    )
+    return _event(task, None, task.status, "created", actor, changes, None, task.created_at)
 
 
 def _write(
@@ -150,6 +156,22 @@ def _write(
     data: dict[str, Any] | None,
     now: dt.datetime | None,
 ) -> TaskEvent:
+    row = _event(task, from_status, to_status, event, actor, changes, data, now)
+    session.add(row)
+    return row
+
+
+def _event(
+    task: Task,
+    from_status: str | None,
+    to_status: str,
+    event: str,
+    actor: str,
+    changes: dict[str, Any] | None,
+    data: dict[str, Any] | None,
+    now: dt.datetime | None,
+) -> TaskEvent:
+    """Apply the move to ``task`` and return its event (not yet added to any session)."""
     now = now or utcnow()
     changes = dict(changes or {})
     for name, value in changes.items():
@@ -158,7 +180,7 @@ def _write(
     task.updated_at = now
     task.event_seq = (task.event_seq or 0) + 1
     payload = event_data(changes, data)
-    row = TaskEvent(
+    return TaskEvent(
         task_id=task.id,
         seq=task.event_seq,
         type=event,
@@ -168,5 +190,3 @@ def _write(
         data=payload,
         at=now,
     )
-    session.add(row)
-    return row
