@@ -68,18 +68,25 @@ def _field(field: ma.fields.Field) -> Dump:
     raise TypeError(f"dumper: unsupported field {field!r}")
 
 
-def dumper(schema: ma.Schema | type[ma.Schema]) -> Dump:
+def dumper(schema: ma.Schema | type[ma.Schema]) -> Callable[..., dict[str, Any]]:
     """A function ``obj → dict`` equal to ``schema.dump(obj)`` (attributes read with getattr;
-    an object lacking one is an error, where marshmallow would leave the key out)."""
+    an object lacking one is an error, where marshmallow would leave the key out). Extra
+    keyword arguments are attributes read before the object's: ``dump(task, warnings=[])``
+    is ``schema.dump(Extended(task, warnings=[]))``, without a ``__getattr__`` per field."""
     instance = schema() if isinstance(schema, type) else schema
     plan = [
         (field.data_key or name, field.attribute or name, _field(field))
         for name, field in instance.dump_fields.items()
     ]
 
-    def dump(obj: Any) -> dict[str, Any]:
+    def dump(obj: Any, **extra: Any) -> dict[str, Any]:
         if isinstance(obj, dict):
             return {key: convert(obj[attr]) for key, attr, convert in plan}
+        if extra:
+            return {
+                key: convert(extra[attr] if attr in extra else getattr(obj, attr))
+                for key, attr, convert in plan
+            }
         return {key: convert(getattr(obj, attr)) for key, attr, convert in plan}
 
     return dump

@@ -10,7 +10,7 @@ from flask.views import MethodView
 from marshmallow import validate
 
 from fleet_api import context, lean
-from fleet_api.resources.common import TASK_STATUS, Extended, InSchema, OutSchema
+from fleet_api.resources.common import TASK_STATUS, InSchema, OutSchema
 from fleet_common.errors import InvalidInput
 from fleet_common.sweeps import Publish
 from fleet_common.tasks import logs, service
@@ -133,7 +133,7 @@ class Tasks(MethodView):
         )
         if created.created:
             wake(created.task)
-        reply = _created(Extended(created.task, warnings=created.warnings))
+        reply = _created(created.task, warnings=created.warnings)
         return lean.reply(reply, 201 if created.created else 200)
 
     @context.admin
