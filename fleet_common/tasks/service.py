@@ -161,8 +161,8 @@ def _insert_warned(session: Session, task: Task, actor: str) -> list[str] | None
 def _insert(session: Session, task: Task, actor: str, *, check: bool) -> Any:
     """:func:`insert_created`'s work: what the statement returned (on PostgreSQL a row, with
     ``capable`` if ``check``: see :func:`_capable_query`), None when nothing was inserted."""
-    event = state.creation_event(task, actor)
-    row, event_row = row_of(task), row_of(event)
+    event_row = state.creation_row(task, actor)
+    row = row_of(task)
     connection = session.connection()
     if connection.dialect.name == "postgresql":
         # One round trip: the event is inserted for the task the CTE inserted, if any.
@@ -235,7 +235,7 @@ def new_task(settings: Settings, data: dict[str, Any], *, now: dt.datetime) -> T
             f"labels: a task may require at most {orch.max_requirements} capabilities "
             f"(orchestrator.max_requirements), got {len(requirements)}"
         )
-    task = Task(
+    columns: dict[str, Any] = dict(
         id=new_id("tsk"),
         title=data["title"],
         prompt=data.get("prompt") or "",
@@ -262,9 +262,9 @@ def new_task(settings: Settings, data: dict[str, Any], *, now: dt.datetime) -> T
         last_published_at=now,
     )
     for key, value in _SCALAR_DEFAULTS:
-        if getattr(task, key) is None:
-            setattr(task, key, value)
-    return task
+        if columns.get(key) is None:
+            columns[key] = value
+    return Task(**columns)
 
 
 def _default(value: int | None, default: int) -> int:
