@@ -124,6 +124,8 @@ def _guard(
 
 
 admin = _guard("admin")
+# An admin endpoint that is mostly Prebuilt statements: its Session is made only if needed.
+admin_lean = _guard("admin", lean=True)
 agent = _guard("agent")
 any_token = _guard("any")
 public = _guard(None)

@@ -381,6 +381,12 @@ class _Lean:
             connection.close()
 
 
+def has_orm(session: Session) -> bool:
+    """Whether ``session`` is a real Session, or a :class:`_Lean` one that has made its own:
+    objects can be added to it without making one."""
+    return not isinstance(session, _Lean) or session._session is not None
+
+
 class Database:
     """The engine and session factory of one process."""
 

@@ -7,7 +7,6 @@ from typing import Any, cast
 
 import marshmallow as ma
 from flask.views import MethodView
-from flask_smorest import Blueprint
 from marshmallow import validate
 
 from fleet_api import context, lean
@@ -17,7 +16,7 @@ from fleet_common.agents.models import AgentMode, AgentStatus, CommandStatus
 from fleet_common.auth.service import Acting
 from fleet_common.errors import NotFound
 
-blp = Blueprint("agents", __name__, url_prefix="/api/v1/agents", description="Agents")
+blp = lean.Blueprint("agents", __name__, url_prefix="/api/v1/agents", description="Agents")
 
 CAPABILITY = ma.fields.String(validate=validate.Length(min=1, max=64))
 

@@ -11,7 +11,6 @@ from typing import Any, cast
 
 import marshmallow as ma
 from flask.views import MethodView
-from flask_smorest import Blueprint
 from marshmallow import validate
 
 from fleet_api import context, lean
@@ -23,7 +22,7 @@ from fleet_common.dispatch.claim import Claim, authenticate_locked, claim_for_re
 from fleet_common.tasks import lease, logs
 from fleet_common.tasks.state import ATTEMPT_REASONS
 
-blp = Blueprint("pull", __name__, url_prefix="/api/v1", description="Pull agents: tasks")
+blp = lean.Blueprint("pull", __name__, url_prefix="/api/v1", description="Pull agents: tasks")
 
 LEASE_TOKEN = ma.fields.String(required=True, validate=validate.Length(min=1, max=200))
 POLL_INTERVAL = 0.25

@@ -7,17 +7,16 @@ from typing import Any
 import marshmallow as ma
 from flask import request
 from flask.views import MethodView
-from flask_smorest import Blueprint
 from marshmallow import validate
 
 from fleet_api import context, lean
-from fleet_api.resources.common import TASK_STATUS, Extended, InSchema, OutSchema
+from fleet_api.resources.common import TASK_STATUS, InSchema, OutSchema
 from fleet_common.errors import InvalidInput
 from fleet_common.sweeps import Publish
 from fleet_common.tasks import logs, service
 from fleet_common.tasks.models import Task
 
-blp = Blueprint("tasks", __name__, url_prefix="/api/v1/tasks", description="Tasks")
+blp = lean.Blueprint("tasks", __name__, url_prefix="/api/v1/tasks", description="Tasks")
 
 LABEL = ma.fields.String(validate=validate.Length(min=1, max=200))
 
@@ -115,7 +114,7 @@ def wake(task: Task) -> None:
 
 @blp.route("")
 class Tasks(MethodView):
-    @context.admin
+    @context.admin_lean
     @blp.arguments(TaskCreateSchema)
     @blp.response(201, CreatedTaskSchema)
     @blp.alt_response(200, schema=CreatedTaskSchema, description="Idempotent replay")
@@ -134,7 +133,7 @@ class Tasks(MethodView):
         )
         if created.created:
             wake(created.task)
-        reply = _created(Extended(created.task, warnings=created.warnings))
+        reply = _created(created.task, warnings=created.warnings)
         return lean.reply(reply, 201 if created.created else 200)
 
     @context.admin

@@ -6,15 +6,14 @@ from typing import Any
 
 import marshmallow as ma
 from flask.views import MethodView
-from flask_smorest import Blueprint
 from marshmallow import validate
 
-from fleet_api import context
+from fleet_api import context, lean
 from fleet_api.resources.common import Extended, InSchema, OutSchema
 from fleet_common.auth import service
 from fleet_common.auth.models import TokenKind
 
-blp = Blueprint("tokens", __name__, url_prefix="/api/v1", description="Join and admin tokens")
+blp = lean.Blueprint("tokens", __name__, url_prefix="/api/v1", description="Join and admin tokens")
 
 
 class JoinTokenCreateSchema(InSchema):

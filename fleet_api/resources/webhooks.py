@@ -15,7 +15,7 @@ from typing import Any
 import marshmallow as ma
 from flask import request
 from flask.views import MethodView
-from flask_smorest import Blueprint, abort
+from flask_smorest import abort
 
 from fleet_api import context, lean
 from fleet_api.metrics import WEBHOOKS
@@ -27,7 +27,7 @@ from fleet_common.forgejo.signatures import verify
 
 log = logging.getLogger("fleet.api")
 
-blp = Blueprint("forgejo", __name__, url_prefix="/api/v1", description="Forgejo intake")
+blp = lean.Blueprint("forgejo", __name__, url_prefix="/api/v1", description="Forgejo intake")
 
 
 class WebhookReplySchema(OutSchema):

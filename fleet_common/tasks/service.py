@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, make_transient_to_detached
 from sqlalchemy.orm.attributes import set_committed_value
 
 from fleet_common.agents.models import Agent, DesiredState
-from fleet_common.db import Prebuilt, page_of, utcnow
+from fleet_common.db import Prebuilt, has_orm, page_of, utcnow
 from fleet_common.dispatch.routing import (
     can_serve,
     req_key,
@@ -97,10 +97,11 @@ def create_task(
     assigned = task.assigned_agent_id
     if assigned is not None:
         _live_agent(session, assigned, "assigned_agent_id")
-    warnings = capability_warnings(session, task.requirements, assigned)
     if task.issue_number is not None:
-        return _create_watched(session, task, actor, warnings, request_digest)
-    if insert_created(session, task, actor):
+        warned = capability_warnings(session, task.requirements, assigned)
+        return _create_watched(session, task, actor, warned, request_digest)
+    warnings = _insert_warned(session, task, actor)
+    if warnings is not None:
         return Created(task, warnings)
     # A new task's id is fresh and an API task has no issue: only its Idempotency-Key can
     # clash, with a concurrent request that committed first. Answer as it did.
@@ -137,38 +138,70 @@ def _create_watched(
 def insert_created(session: Session, task: Task, actor: str) -> bool:
     """Store a :func:`new_task` and its ``created`` event (as the state machine makes it) with
     two Core ``INSERT`` statements instead of the unit of work; the task is then a loaded
-    object of the session. False, and nothing written, when a unique constraint refused the
-    task (``ON CONFLICT DO NOTHING``, which waits for a concurrent transaction holding the
-    same key: an issue's active task, an Idempotency-Key)."""
-    event = state.record_creation(session, task, actor)
-    session.expunge(event)
-    row, event_row = row_of(task), row_of(event)
+    object of the session (of a lean one only if it has made its Session: otherwise the
+    task stays apart, every column set). False, and nothing written, when a unique
+    constraint refused the task (``ON CONFLICT DO NOTHING``, which waits for a concurrent
+    transaction holding the same key: an issue's active task, an Idempotency-Key)."""
+    return _insert(session, task, actor, check=False) is not None
+
+
+def _insert_warned(session: Session, task: Task, actor: str) -> list[str] | None:
+    """:func:`insert_created` with the task's :func:`capability_warnings`; None when nothing
+    was inserted. On PostgreSQL the check is part of the insert's statement (one round trip
+    fewer; the agents it reads are the ones a check just before would have read)."""
+    if session.get_bind().dialect.name != "postgresql":
+        warnings = capability_warnings(session, task.requirements, task.assigned_agent_id)
+        return warnings if insert_created(session, task, actor) else None
+    stored = _insert(session, task, actor, check=True)
+    if stored is None:
+        return None
+    return [] if stored.capable else _no_capable_agent(task.requirements)
+
+
+def _insert(session: Session, task: Task, actor: str, *, check: bool) -> Any:
+    """:func:`insert_created`'s work: what the statement returned (on PostgreSQL a row, with
+    ``capable`` if ``check``: see :func:`_capable_query`), None when nothing was inserted."""
+    event_row = state.creation_row(task, actor)
+    row = row_of(task)
     connection = session.connection()
     if connection.dialect.name == "postgresql":
         # One round trip: the event is inserted for the task the CTE inserted, if any.
         params = {**row, **{_EVENT + key: value for key, value in event_row.items()}}
-        statement = _insert_both(frozenset(row), frozenset(event_row))
-        if statement.execute(session, params).first() is None:
-            return False
+        variant = None
+        if check:
+            variant = (task.assigned_agent_id is not None, bool(task.requirements))
+            params[_CHECK + "assigned"] = task.assigned_agent_id
+            params[_CHECK + "requirements"] = list(task.requirements)
+        statement = _insert_both(frozenset(row), frozenset(event_row), variant)
+        stored = statement.execute(session, params).first()
+        if stored is None:
+            return None
     else:
-        if insert_new(connection, Task, row) is None:
-            return False
+        stored = insert_new(connection, Task, row)
+        if stored is None:
+            return None
         connection.execute(_INSERT_EVENT, event_row)
-    make_transient_to_detached(task)  # the row is stored: the object is now a loaded one
-    for key in _NULL_COLUMNS:
-        if key not in row:  # NULL in the row: known, so reading it loads nothing
-            set_committed_value(task, key, None)
-    session.add(task)
-    return True
+    if has_orm(session):
+        make_transient_to_detached(task)  # the row is stored: the object is now a loaded one
+        for key in _NULL_COLUMNS:
+            if key not in row:  # NULL in the row: known, so reading it loads nothing
+                set_committed_value(task, key, None)
+        session.add(task)
+    return stored
 
 
 _EVENT = "evt_"  # the event's parameters' prefix (``event_seq`` is a task column)
+_CHECK = "check_"  # the capability check's (``requirements`` is a task column too)
 
 
 @functools.cache
-def _insert_both(task_keys: frozenset[str], event_keys: frozenset[str]) -> Prebuilt:
+def _insert_both(
+    task_keys: frozenset[str], event_keys: frozenset[str], check: tuple[bool, bool] | None
+) -> Prebuilt:
     """PostgreSQL: ``WITH new AS (INSERT task ON CONFLICT DO NOTHING RETURNING id) INSERT
-    event SELECT FROM new RETURNING``: no row when the task was not inserted."""
+    event SELECT FROM new RETURNING``: no row when the task was not inserted. ``check``
+    (assigned?, requirements?): the row also says whether an agent is ``capable``, with
+    :func:`_capable_query` on the parameters ``check_assigned`` and ``check_requirements``."""
     tasks, events = table_of(Task), table_of(TaskEvent)
     new = (
         postgresql.insert(tasks)
@@ -179,11 +212,15 @@ def _insert_both(task_keys: frozenset[str], event_keys: frozenset[str]) -> Prebu
     )
     keys = sorted(event_keys - {"task_id"})
     values = [bindparam(_EVENT + key, type_=events.c[key].type) for key in keys]
+    returned = [events.c.task_id]
+    if check is not None:
+        capable = _capable_query(_CHECK, *check).exists().label("capable")
+        returned.append(capable)
     return Prebuilt(
         insert(events)
         .add_cte(new)
         .from_select(["task_id", *keys], select(new.c.id, *values))
-        .returning(events.c.task_id)
+        .returning(*returned)
     )
 
 
@@ -198,7 +235,7 @@ def new_task(settings: Settings, data: dict[str, Any], *, now: dt.datetime) -> T
             f"labels: a task may require at most {orch.max_requirements} capabilities "
             f"(orchestrator.max_requirements), got {len(requirements)}"
         )
-    task = Task(
+    columns: dict[str, Any] = dict(
         id=new_id("tsk"),
         title=data["title"],
         prompt=data.get("prompt") or "",
@@ -225,9 +262,9 @@ def new_task(settings: Settings, data: dict[str, Any], *, now: dt.datetime) -> T
         last_published_at=now,
     )
     for key, value in _SCALAR_DEFAULTS:
-        if getattr(task, key) is None:
-            setattr(task, key, value)
-    return task
+        if columns.get(key) is None:
+            columns[key] = value
+    return Task(**columns)
 
 
 def _default(value: int | None, default: int) -> int:
@@ -271,32 +308,39 @@ def capability_warnings(
         query = _candidates(assigned is not None)
         rows = session.scalars(query, {"assigned": assigned})
         capable = any(can_serve(caps, requirements) for caps in rows)
-    if capable:
-        return []
+    return [] if capable else _no_capable_agent(requirements)
+
+
+def _no_capable_agent(requirements: Sequence[str]) -> list[str]:
     needed = ", ".join(requirements) or "none"
     return [
         f"no_capable_agent: no registered agent has the capabilities this task needs ({needed})"
     ]
 
 
-def _candidates(assigned: bool) -> Any:
-    """The capabilities of the agents that may get a new task (``:assigned`` only, if given)."""
+def _candidates(assigned: bool, prefix: str = "") -> Any:
+    """The capabilities of the agents that may get a new task (``:assigned`` only, if given;
+    the parameter's name prefixed with ``prefix``)."""
     query = select(Agent.capabilities).where(
         Agent.deleted_at.is_(None), Agent.desired_state != DesiredState.DISABLED
     )
     if assigned:
-        query = query.where(Agent.id == bindparam("assigned", type_=String()))
+        query = query.where(Agent.id == bindparam(prefix + "assigned", type_=String()))
     return query
+
+
+def _capable_query(prefix: str, assigned: bool, requirements: bool) -> Any:
+    """One capable agent, if any (PostgreSQL: ``:requirements`` checked with ``@>``)."""
+    query = _candidates(assigned, prefix)
+    if requirements:
+        needed = bindparam(prefix + "requirements", type_=JSONB())
+        query = query.where(type_coerce(Agent.capabilities, JSONB).contains(needed))
+    return query.limit(1)
 
 
 @functools.cache
 def _capable(assigned: bool, requirements: bool) -> Prebuilt:
-    """One capable agent, if any (PostgreSQL: ``:requirements`` checked with ``@>``)."""
-    query = _candidates(assigned)
-    if requirements:
-        needed = bindparam("requirements", type_=JSONB())
-        query = query.where(type_coerce(Agent.capabilities, JSONB).contains(needed))
-    return Prebuilt(query.limit(1))
+    return Prebuilt(_capable_query("", assigned, requirements))
 
 
 def get_task(session: Session, task_id: str, *, for_update: bool = False) -> Task:

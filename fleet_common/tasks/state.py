@@ -133,10 +133,16 @@ def event_data(changes: dict[str, Any], data: dict[str, Any] | None) -> dict[str
 
 def record_creation(session: Session, task: Task, actor: str) -> TaskEvent:
     """The first event: a snapshot of every projected column."""
+    row = TaskEvent(**creation_row(task, actor))
+    session.add(row)
+    return row
+
+
+def creation_row(task: Task, actor: str) -> dict[str, Any]:
+    """:func:`record_creation`'s event as the columns of its row, applied to ``task`` (for
+    callers that insert the task and its event with Core statements)."""
     changes = {name: getattr(task, name) for name in PROJECTED if name != "status"}
-    return _write(
-        session, task, None, task.status, "created", actor, changes, None, task.created_at
-    )
+    return _moved(task, None, task.status, "created", actor, changes, None, task.created_at)
 
 
 def _write(
@@ -150,23 +156,37 @@ def _write(
     data: dict[str, Any] | None,
     now: dt.datetime | None,
 ) -> TaskEvent:
-    now = now or utcnow()
     changes = dict(changes or {})
     for name, value in changes.items():
         setattr(task, name, value)
+    row = TaskEvent(**_moved(task, from_status, to_status, event, actor, changes, data, now))
+    session.add(row)
+    return row
+
+
+def _moved(
+    task: Task,
+    from_status: str | None,
+    to_status: str,
+    event: str,
+    actor: str,
+    changes: dict[str, Any],
+    data: dict[str, Any] | None,
+    now: dt.datetime | None,
+) -> dict[str, Any]:
+    """Move ``task`` (its ``changes`` already applied) to ``to_status``: status, update time,
+    event number; the columns of its event's row."""
+    now = now or utcnow()
     task.status = to_status
     task.updated_at = now
     task.event_seq = (task.event_seq or 0) + 1
-    payload = event_data(changes, data)
-    row = TaskEvent(
-        task_id=task.id,
-        seq=task.event_seq,
-        type=event,
-        from_status=from_status,
-        to_status=to_status,
-        actor=actor,
-        data=payload,
-        at=now,
-    )
-    session.add(row)
-    return row
+    return {
+        "task_id": task.id,
+        "seq": task.event_seq,
+        "type": event,
+        "from_status": from_status,
+        "to_status": to_status,
+        "actor": actor,
+        "data": event_data(changes, data),
+        "at": now,
+    }

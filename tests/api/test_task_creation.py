@@ -1,0 +1,139 @@
+"""``POST /tasks`` runs on a lean unit of work (no ORM Session on PostgreSQL) with the capability
+check inside the insert's statement: the same reply, rows and ``created`` event as
+``service.create_task`` on a full Session (the path of every other caller), on both backends."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+import pytest
+from sqlalchemy import select
+
+from fleet_api.resources.common import Extended
+from fleet_api.resources.tasks import CreatedTaskSchema
+from fleet_common.db import Database
+from fleet_common.settings import Settings
+from fleet_common.tasks import service
+from fleet_common.tasks.models import Task, TaskEvent
+from tests.api_helpers import Api
+
+# Differ between any two tasks: the id and the times.
+_OWN = {"id", "created_at", "updated_at", "last_published_at", "task_id", "at"}
+
+
+def _row(obj: Any) -> dict[str, Any]:
+    return {c.key: getattr(obj, c.key) for c in obj.__table__.columns if c.key not in _OWN}
+
+
+def _stored(db: Database, task_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    with db.session() as session:
+        task = session.get(Task, task_id)
+        events = session.scalars(select(TaskEvent).where(TaskEvent.task_id == task_id)).all()
+        return _row(task), [{**_row(e), "id": None} for e in events]
+
+
+def _without_own(reply: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in reply.items() if k not in _OWN}
+
+
+BODIES: list[dict[str, Any]] = [
+    {"title": "plain"},
+    {"title": "served", "labels": ["agent:code:python", "x"], "max_retries": 0},
+    {"title": "unserved", "labels": ["agent:gpu"], "priority": 7, "prompt": "p"},
+    {
+        "title": "everything",
+        "prompt": "do it",
+        "labels": ["agent:code:python", "agent:tests", "agent:code:python", "meta"],
+        "priority": -3,
+        "repo": "org/repo",
+        "clone_url": "https://example.invalid/org/repo.git",
+        "requires_pr": True,
+        "max_retries": 5,
+        "timeout_secs": 60,
+    },
+]
+
+
+@pytest.mark.parametrize("assign", [False, True], ids=["unassigned", "assigned"])
+@pytest.mark.parametrize("body", BODIES, ids=[b["title"] for b in BODIES])
+def test_post_equals_create_task_on_a_full_session(
+    client: Any,
+    admin_token: str,
+    db: Database,
+    settings: Settings,
+    body: dict[str, Any],
+    assign: bool,
+) -> None:
+    api = Api(client, admin_token)
+    agent = api.register("a1", ["code:python", "tests"])["agent"]["id"]
+    api.register("a2", ["code:go"])
+    data = {**body, "assigned_agent_id": agent} if assign else body
+
+    reply = api.post("/tasks", json=data)
+    assert reply.status_code == 201, reply.get_json()
+    posted = reply.get_json()
+
+    with db.session() as session:
+        actor = session.scalars(select(TaskEvent.actor)).one()  # the POST's
+        created = service.create_task(session, settings, data, actor=actor)
+        expected = CreatedTaskSchema().dump(Extended(created.task, warnings=created.warnings))
+    assert _without_own(posted) == _without_own(expected)
+    assert _stored(db, posted["id"]) == _stored(db, created.task.id)
+
+
+@contextmanager
+def _counted() -> Iterator[list[str]]:
+    """What psycopg sends: statements (their first word) and BEGIN/COMMIT (a BEGIN goes out
+    inside the first statement's ``execute``, so it is listed after it)."""
+    sent: list[str] = []
+    execute, command = psycopg.Cursor.execute, psycopg.Connection._exec_command
+
+    def counting_execute(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+        sent.append(str(query).split(None, 1)[0].upper())
+        return execute(self, query, *args, **kwargs)
+
+    def counting_command(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+        sent.append(bytes(query).decode().split(None, 1)[0].upper())
+        return command(self, query, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(psycopg.Cursor, "execute", counting_execute)
+        patch.setattr(psycopg.Connection, "_exec_command", counting_command)
+        yield sent
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_post_is_four_round_trips_without_a_session(
+    client: Any, admin_token: str, db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api = Api(client, admin_token)
+    api.register("a1", ["gpu"])
+    made: list[Any] = []
+    factory = db.sessions
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        made.append(kwargs)
+        return factory(*args, **kwargs)
+
+    monkeypatch.setattr(db, "sessions", counting)
+    for labels in ([], ["agent:gpu"], ["agent:tpu"]):
+        api.post("/tasks", json={"title": "warm", "labels": labels})  # statements prepared
+        with _counted() as sent:
+            reply = api.post("/tasks", json={"title": "t", "labels": labels})
+        assert reply.status_code == 201
+        assert bool(reply.get_json()["warnings"]) == (labels == ["agent:tpu"])
+        # BEGIN, authentication, the task with its event and the capability check, COMMIT.
+        assert sent == ["SELECT", "BEGIN", "WITH", "COMMIT"], sent
+    assert made == []
+
+    # A key needs the ORM (its lookup): the lean unit of work makes its Session then.
+    with _counted() as sent:
+        keyed = api.post("/tasks", json={"title": "k"}, headers={"Idempotency-Key": "k1"})
+    assert keyed.status_code == 201 and len(made) == 1
+    assert sent == ["SELECT", "BEGIN", "SELECT", "WITH", "COMMIT"], sent
+    again = api.post("/tasks", json={"title": "k"}, headers={"Idempotency-Key": "k1"})
+    assert again.status_code == 200 and again.get_json()["id"] == keyed.get_json()["id"]
