@@ -67,13 +67,29 @@ class HostLock:
     def acquire(self) -> None:
         """Take the host's lock, or raise :class:`HostTaken` naming who holds it."""
         if self.database.dialect == "postgresql":
-            if not self._lock_pg():
-                raise HostTaken(
-                    f"host {self.host_id!r} is already served by another worker"
-                    f" ({self._holder()}); one worker per host"
-                )
+            taken = not self._lock_pg()
         else:
-            self._lock_file()
+            taken = not self._lock_file()
+        if taken:
+            holder = self.holder() or "it has just let go; try again"
+            raise HostTaken(
+                f"host {self.host_id!r} is already served by another worker ({holder});"
+                " one worker per host"
+            )
+
+    def holder(self) -> str | None:
+        """Who holds the host's lock now (its worker's name and address), None if nobody."""
+        if self.database.dialect == "postgresql":
+            return self._holder_pg()
+        path = self._path()
+        if path is None or not path.exists():
+            return None
+        with path.open() as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return handle.read().strip() or "a process"
+        return None
 
     def check(self) -> bool:
         """False when another worker holds the lock now (this one lost it with its connection,
@@ -118,13 +134,13 @@ class HostLock:
         self._connection = connection
         return True
 
-    def _holder(self) -> str:
+    def _holder_pg(self) -> str | None:
         key = lock_key(self.host_id) & 0xFFFF_FFFF_FFFF_FFFF
         with self.database.engine.connect() as conn:
             driver: Any = conn.connection.driver_connection
             row = driver.execute(_HOLDER, (key >> 32, key & 0xFFFF_FFFF)).fetchone()
         if row is None:
-            return "it has just let go; try again"
+            return None
         name, address = row
         return f"{name or 'unnamed'} from {address or 'a local socket'}"
 
@@ -138,26 +154,29 @@ class HostLock:
 
     # -- SQLite ----------------------------------------------------------------------------
 
-    def _lock_file(self) -> None:
+    def _path(self) -> Path | None:
+        """The lock file, next to the database file (None: a database of this process alone,
+        which no other worker can share)."""
         database = self.database.engine.url.database
         if not database or database == ":memory:":
-            return  # a database of this process alone: no other worker can share it
+            return None
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", self.host_id)
-        path = Path(f"{database}.host-{safe}.lock")
+        return Path(f"{database}.host-{safe}.lock")
+
+    def _lock_file(self) -> bool:
+        path = self._path()
+        if path is None:
+            return True
         path.parent.mkdir(parents=True, exist_ok=True)
         handle = path.open("a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
             handle.close()
-            raise HostTaken(
-                f"host {self.host_id!r} is already served by another worker ({holder});"
-                " one worker per host"
-            ) from None
+            return False
         handle.seek(0)
         handle.truncate()
         handle.write(self.name + "\n")
         handle.flush()
         self._file = handle
+        return True

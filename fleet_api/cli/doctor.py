@@ -1,10 +1,10 @@
 """``fleet doctor``: check what a Fleet deployment depends on, from this machine.
 
 Configuration, the database (reachable, schema at the newest migration), the broker, every
-SSH host (reachable, host key known, key accepted), the Forgejo token and the intake health of
-each repository. Prints one row per check (``ok``, ``warn``, ``fail`` or ``skip``) and exits 1
-when any check fails. Every network check has a short timeout, so a dead dependency costs
-seconds, not minutes.
+SSH host (reachable, host key known, key accepted), the worker serving each configured host,
+the Forgejo token and the intake health of each repository. Prints one row per check (``ok``,
+``warn``, ``fail`` or ``skip``) and exits 1 when any check fails. Every network check has a
+short timeout, so a dead dependency costs seconds, not minutes.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ def run_checks(settings: Settings) -> list[Check]:
     database_ok = checks[0].status == OK
     checks.append(_guard("broker", lambda: _broker(settings)))
     checks += _ssh_hosts(settings)
+    checks += _workers(settings, database_ok)
     checks.append(_guard("forgejo", lambda: _forgejo(settings)))
     checks += _intake(settings, database_ok)
     return checks
@@ -111,6 +112,31 @@ def _ssh_hosts(settings: Settings) -> list[Check]:
             checks.append(Check(name, FAIL, _first_line(error)))
         else:
             checks.append(Check(name, OK, f"{where}: connected, host key verified"))
+    return checks
+
+
+def _workers(settings: Settings, database_ok: bool) -> list[Check]:
+    """Each configured host: which worker serves it (holds its lock), if any."""
+    if not settings.hosts:
+        return [Check("worker", SKIP, "no hosts configured")]
+    if not database_ok:
+        return [Check("worker", SKIP, "the database is not usable")]
+    from fleet_common.db import Database
+    from fleet_worker.host_lock import HostLock
+
+    database = Database(settings.database_url, pool_size=1)
+    checks = []
+    try:
+        for host in settings.hosts:
+            name = f"worker {host.host_id}"
+            holder = HostLock(database, host.host_id).holder()
+            if holder is None:
+                detail = f"no worker serves it (`fleet worker --host {host.host_id}`)"
+                checks.append(Check(name, WARN, detail))
+            else:
+                checks.append(Check(name, OK, f"served by {holder}"))
+    finally:
+        database.dispose()
     return checks
 
 

@@ -13,6 +13,7 @@ from fleet_api.cli import main
 from fleet_common.db import Database, utcnow
 from fleet_common.forgejo import health
 from fleet_common.migrate import upgrade
+from fleet_worker.host_lock import HostLock
 from tests.fakes.forgejo import FakeForgejo
 from tests.services import free_port
 
@@ -72,6 +73,7 @@ def test_doctor_reports_every_check_and_exits_0_when_nothing_fails(tmp_path: Pat
     assert table["database"][0] == "ok" and "newest migration" in table["database"][1]
     assert table["broker"][0] == "ok"
     assert table["ssh"][0] == "skip"
+    assert table["worker"][0] == "skip"  # no [[hosts]]
     assert table["forgejo"] == ("ok", f"{fake.url}: token of fleet-bot")
     assert table["intake alice/widgets"][0] == "ok"
 
@@ -111,6 +113,32 @@ def test_doctor_fails_on_a_database_without_schema_and_a_dead_forgejo(tmp_path: 
     assert table["database"][0] == "fail" and "fleet db upgrade" in table["database"][1]
     assert table["forgejo"][0] == "fail"
     assert table["intake"][0] == "skip"
+
+
+def test_doctor_names_the_worker_serving_each_host(tmp_path: Path) -> None:
+    hosts = "".join(
+        f'\n[[hosts]]\nhost_id = "{name}"\ntransport = "local"\n'
+        f'work_dir = "{tmp_path / name}"\nagents = [ {{ agent_type = "demo" }} ]\n'
+        for name in ("served", "idle")
+    )
+    with FakeForgejo() as fake:
+        config = write_config(tmp_path, fake, extra=hosts)
+        database = Database(f"sqlite:///{tmp_path / 'fleet.db'}")
+        lock = HostLock(database, "served")  # as the worker of host "served" holds it
+        lock.acquire()
+        try:
+            result = doctor("--config", str(config), "--json")
+        finally:
+            lock.release()
+            database.dispose()
+    checks = {c["name"]: c for c in json.loads(result.stdout)}
+    assert checks["worker served"] == {
+        "name": "worker served",
+        "status": "ok",
+        "detail": f"served by {lock.name}",
+    }
+    assert checks["worker idle"]["status"] == "warn"
+    assert "no worker serves it (`fleet worker --host idle`)" in checks["worker idle"]["detail"]
 
 
 def test_doctor_names_a_bad_setting(tmp_path: Path) -> None:

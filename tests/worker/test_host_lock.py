@@ -24,8 +24,10 @@ def database(tmp_path: Path, database_url: str) -> Iterator[Database]:
 
 def test_one_holder_per_host(database: Database) -> None:
     first, second = HostLock(database, "h1"), HostLock(database, "h1")
+    assert second.holder() is None
     first.acquire()
     try:
+        assert (second.holder() or "").startswith(first.name)  # PostgreSQL adds the address
         with pytest.raises(HostTaken, match=r"host 'h1' is already served by another worker"):
             second.acquire()
         other = HostLock(database, "h2")
@@ -34,6 +36,7 @@ def test_one_holder_per_host(database: Database) -> None:
         assert first.check()
     finally:
         first.release()
+    assert second.holder() is None
     second.acquire()  # released: the next worker serves the host
     second.release()
 
