@@ -61,13 +61,15 @@ class HostLock:
         self.database = database
         self.host_id = host_id
         self.name = f"fleet worker {host_id} (pid {os.getpid()} on {socket.gethostname()})"
-        self._connection: Any = None  # PostgreSQL: the lock's own connection
+        self._connection: Any = None  # PostgreSQL: the lock's own connection (None: lost)
+        self._held_pg = False  # PostgreSQL: acquired, and not released since
         self._file: Any = None  # SQLite: the locked file
 
     def acquire(self) -> None:
         """Take the host's lock, or raise :class:`HostTaken` naming who holds it."""
         if self.database.dialect == "postgresql":
             taken = not self._lock_pg()
+            self._held_pg = not taken
         else:
             taken = not self._lock_file()
         if taken:
@@ -94,13 +96,14 @@ class HostLock:
     def check(self) -> bool:
         """False when another worker holds the lock now (this one lost it with its connection,
         in a database restart). A database that cannot be reached is not a reason to stop."""
-        if self._connection is None:
+        if not self._held_pg:
             return True
-        try:
-            self._connection.execute("SELECT 1")
-            return True
-        except Exception:  # the connection is gone: the server let the lock go with it
-            self._close_connection()
+        if self._connection is not None:
+            try:
+                self._connection.execute("SELECT 1")
+                return True
+            except Exception:  # the connection is gone: the server let the lock go with it
+                self._close_connection()
         try:
             return self._lock_pg()
         except Exception:
@@ -108,6 +111,7 @@ class HostLock:
             return True
 
     def release(self) -> None:
+        self._held_pg = False
         self._close_connection()
         if self._file is not None:
             self._file.close()  # closing the descriptor releases the flock

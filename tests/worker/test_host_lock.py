@@ -83,3 +83,28 @@ def test_a_lost_connection_takes_the_lock_again_unless_another_worker_has(pg_url
     finally:
         lock.release()
         database.dispose()
+
+
+@pytest.mark.postgres
+def test_an_unreachable_database_keeps_the_worker_and_the_lock_is_taken_again_later(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    database = Database(pg_url)
+    lock = HostLock(database, "outage")
+    lock.acquire()
+    try:
+        _terminate(database.url, lock.name)
+
+        def down() -> None:
+            raise psycopg.OperationalError("connection refused")
+
+        with monkeypatch.context() as patched:
+            patched.setattr(database.engine, "raw_connection", down)
+            assert lock.check()  # cannot tell: keep serving
+            assert lock.check()
+        assert lock.check()  # the database answers again: taken back
+        with pytest.raises(HostTaken):
+            HostLock(database, "outage").acquire()
+    finally:
+        lock.release()
+        database.dispose()
