@@ -1,14 +1,18 @@
-"""Small helpers for driving the API through Flask's test client."""
+"""Small helpers for tests: driving the API through Flask's test client, agent rows."""
 
 from __future__ import annotations
 
 import datetime as dt
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from fleet_common.agents import service as agent_service
+from fleet_common.db import utcnow
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -271,3 +275,22 @@ def assert_log_replays(db: Any) -> None:
     with db.session() as session:
         differences = [str(d) for d in replay.verify(session)]
     assert differences == []
+
+
+def worker_agent(
+    session: Any, capabilities: list[str], *, max_concurrency: int = 1, host: str = "relay-host"
+) -> str:
+    """A configured host slot's ``ssh_cli`` agent row (a worker's), online for the next hour
+    (no offline sweep takes it during a test)."""
+    agent = agent_service.ensure_configured(
+        session,
+        host_uid=uuid.uuid4().hex,
+        name=f"{host}/demo#{uuid.uuid4().hex[:6]}",
+        host_id=host,
+        hostname="localhost",
+        agent_type="demo",
+        capabilities=capabilities,
+        max_concurrency=max_concurrency,
+        now=utcnow() + dt.timedelta(hours=1),
+    )
+    return agent.id

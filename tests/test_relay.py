@@ -18,7 +18,7 @@ from fleet_common.settings import Settings
 from fleet_common.sweeps import Publish, due_for_publish
 from fleet_common.tasks import service as tasks
 from fleet_common.tasks.models import Task
-from tests.worker.conftest import worker_agent
+from tests.api_helpers import worker_agent
 
 
 def lost_wake_up(session: Any, settings: Settings, **data: Any) -> str:

@@ -131,7 +131,7 @@ class Tasks(MethodView):
             actor=context.principal().actor,
             idempotency_key=key,
         )
-        if created.created:
+        if created.created and created.woken:
             wake(created.task)
         reply = _created(created.task, warnings=created.warnings)
         return lean.reply(reply, 201 if created.created else 200)

@@ -16,7 +16,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session, make_transient_to_detached
 from sqlalchemy.orm.attributes import set_committed_value
 
-from fleet_common.agents.models import Agent, DesiredState
+from fleet_common.agents.models import Agent, AgentMode, DesiredState
 from fleet_common.db import Prebuilt, has_orm, page_of, utcnow
 from fleet_common.dispatch.routing import (
     can_serve,
@@ -69,6 +69,10 @@ class Created:
     task: Task
     warnings: list[str] = field(default_factory=list)
     created: bool = True
+    #: Whether a worker's agent (``ssh_cli``) could ever claim the task, so that a wake-up
+    #: message is worth sending: pull agents poll, and a message no worker reads stays in the
+    #: broker. (A worker that registers later wakes itself when it connects.)
+    woken: bool = True
 
 
 def _digest(data: dict[str, Any]) -> str:
@@ -100,9 +104,10 @@ def create_task(
     if task.issue_number is not None:
         warned = capability_warnings(session, task.requirements, assigned)
         return _create_watched(session, task, actor, warned, request_digest)
-    warnings = _insert_warned(session, task, actor)
-    if warnings is not None:
-        return Created(task, warnings)
+    stored = _insert_warned(session, task, actor)
+    if stored is not None:
+        warnings, woken = stored
+        return Created(task, warnings, woken=woken)
     # A new task's id is fresh and an API task has no issue: only its Idempotency-Key can
     # clash, with a concurrent request that committed first. Answer as it did.
     existing = None if idempotency_key is None else _by_idempotency_key(session, idempotency_key)
@@ -145,17 +150,22 @@ def insert_created(session: Session, task: Task, actor: str) -> bool:
     return _insert(session, task, actor, check=False) is not None
 
 
-def _insert_warned(session: Session, task: Task, actor: str) -> list[str] | None:
-    """:func:`insert_created` with the task's :func:`capability_warnings`; None when nothing
-    was inserted. On PostgreSQL the check is part of the insert's statement (one round trip
-    fewer; the agents it reads are the ones a check just before would have read)."""
+def _insert_warned(session: Session, task: Task, actor: str) -> tuple[list[str], bool] | None:
+    """:func:`insert_created` with the task's :func:`capability_warnings` and whether a
+    worker's agent could claim it (:attr:`Created.woken`); None when nothing was inserted.
+    On PostgreSQL both checks are part of the insert's statement (one round trip fewer; the
+    agents they read are the ones a check just before would have read)."""
+    requirements, assigned = task.requirements, task.assigned_agent_id
     if session.get_bind().dialect.name != "postgresql":
-        warnings = capability_warnings(session, task.requirements, task.assigned_agent_id)
-        return warnings if insert_created(session, task, actor) else None
-    stored = _insert(session, task, actor, check=True)
-    if stored is None:
-        return None
-    return [] if stored.capable else _no_capable_agent(task.requirements)
+        capable, woken = _reach(session, requirements, assigned)
+        if not insert_created(session, task, actor):
+            return None
+    else:
+        stored = _insert(session, task, actor, check=True)
+        if stored is None:
+            return None
+        capable, woken = stored.capable, stored.woken
+    return ([] if capable else _no_capable_agent(requirements)), woken
 
 
 def _insert(session: Session, task: Task, actor: str, *, check: bool) -> Any:
@@ -214,8 +224,8 @@ def _insert_both(
     values = [bindparam(_EVENT + key, type_=events.c[key].type) for key in keys]
     returned = [events.c.task_id]
     if check is not None:
-        capable = _capable_query(_CHECK, *check).exists().label("capable")
-        returned.append(capable)
+        returned.append(_capable_query(_CHECK, *check).exists().label("capable"))
+        returned.append(_capable_query(_CHECK, *check, workers=True).exists().label("woken"))
     return Prebuilt(
         insert(events)
         .add_cte(new)
@@ -305,9 +315,7 @@ def capability_warnings(
         )
         capable = found.first() is not None
     else:
-        query = _candidates(assigned is not None)
-        rows = session.scalars(query, {"assigned": assigned})
-        capable = any(can_serve(caps, requirements) for caps in rows)
+        capable = _reach(session, requirements, assigned)[0]
     return [] if capable else _no_capable_agent(requirements)
 
 
@@ -318,20 +326,36 @@ def _no_capable_agent(requirements: Sequence[str]) -> list[str]:
     ]
 
 
-def _candidates(assigned: bool, prefix: str = "") -> Any:
-    """The capabilities of the agents that may get a new task (``:assigned`` only, if given;
-    the parameter's name prefixed with ``prefix``)."""
-    query = select(Agent.capabilities).where(
-        Agent.deleted_at.is_(None), Agent.desired_state != DesiredState.DISABLED
-    )
+def _reach(
+    session: Session, requirements: Sequence[str], assigned: str | None
+) -> tuple[bool, bool]:
+    """(an agent could run the task, a worker's agent could): SQLite reads the candidates."""
+    query = select(Agent.mode, Agent.capabilities).where(*_live(assigned is not None))
+    capable = woken = False
+    for mode, capabilities in session.execute(query, {"assigned": assigned}):
+        if can_serve(capabilities, requirements):
+            capable = True
+            woken = woken or mode == AgentMode.SSH_CLI
+    return capable, woken
+
+
+def _live(assigned: bool, prefix: str = "") -> list[Any]:
+    """The agents that may get a new task (``:assigned`` only, if given; the parameter's name
+    prefixed with ``prefix``)."""
+    live = [Agent.deleted_at.is_(None), Agent.desired_state != DesiredState.DISABLED]
     if assigned:
-        query = query.where(Agent.id == bindparam(prefix + "assigned", type_=String()))
-    return query
+        live.append(Agent.id == bindparam(prefix + "assigned", type_=String()))
+    return live
 
 
-def _capable_query(prefix: str, assigned: bool, requirements: bool) -> Any:
-    """One capable agent, if any (PostgreSQL: ``:requirements`` checked with ``@>``)."""
-    query = _candidates(assigned, prefix)
+def _capable_query(
+    prefix: str, assigned: bool, requirements: bool, *, workers: bool = False
+) -> Any:
+    """One capable agent, if any (PostgreSQL: ``:requirements`` checked with ``@>``); a
+    worker's (``ssh_cli``) only, if ``workers``."""
+    query = select(Agent.capabilities).where(*_live(assigned, prefix))
+    if workers:
+        query = query.where(Agent.mode == AgentMode.SSH_CLI)
     if requirements:
         needed = bindparam(prefix + "requirements", type_=JSONB())
         query = query.where(type_coerce(Agent.capabilities, JSONB).contains(needed))

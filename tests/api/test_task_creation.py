@@ -12,13 +12,15 @@ import psycopg
 import pytest
 from sqlalchemy import select
 
+from fleet_api.app import create_app
 from fleet_api.resources.common import Extended
 from fleet_api.resources.tasks import CreatedTaskSchema
 from fleet_common.db import Database
 from fleet_common.settings import Settings
+from fleet_common.sweeps import Publish
 from fleet_common.tasks import service
 from fleet_common.tasks.models import Task, TaskEvent
-from tests.api_helpers import Api
+from tests.api_helpers import Api, worker_agent
 
 # Differ between any two tasks: the id and the times.
 _OWN = {"id", "created_at", "updated_at", "last_published_at", "task_id", "at"}
@@ -137,3 +139,51 @@ def test_post_is_four_round_trips_without_a_session(
     assert sent == ["SELECT", "BEGIN", "SELECT", "WITH", "COMMIT"], sent
     again = api.post("/tasks", json={"title": "k"}, headers={"Idempotency-Key": "k1"})
     assert again.status_code == 200 and again.get_json()["id"] == keyed.get_json()["id"]
+
+
+class _Recorder:
+    """The app's publisher: records the wake-ups it is given."""
+
+    def __init__(self) -> None:
+        self.published: list[Publish] = []
+
+    def publish(self, items: list[Publish]) -> None:
+        self.published.extend(items)
+
+
+@pytest.fixture
+def woken(settings: Settings, db: Database) -> Iterator[tuple[Any, _Recorder]]:
+    recorder = _Recorder()
+    app = create_app(settings, db=db, publisher=recorder)
+    yield app.test_client(), recorder
+
+
+def test_a_wake_up_goes_out_only_where_a_workers_agent_could_claim_the_task(
+    woken: tuple[Any, _Recorder], admin_token: str, db: Database
+) -> None:
+    client, recorder = woken
+    api = Api(client, admin_token)
+    puller = api.register("puller", ["pulled", "both"])["agent"]["id"]
+    with db.session() as session:
+        worker = worker_agent(session, ["worked", "both"])
+
+    def wakes(body: dict[str, Any]) -> tuple[list[str], list[Publish]]:
+        recorder.published.clear()
+        reply = api.post("/tasks", json=body)
+        assert reply.status_code == 201, reply.get_json()
+        return reply.get_json()["warnings"], list(recorder.published)
+
+    # Pull agents poll the database: a wake-up would wait in a queue no worker reads.
+    assert wakes({"title": "t", "labels": ["agent:pulled"]}) == ([], [])
+    assert wakes({"title": "t", "assigned_agent_id": puller}) == ([], [])
+    warnings, sent = wakes({"title": "t", "labels": ["agent:nobody"]})
+    assert warnings and warnings[0].startswith("no_capable_agent") and sent == []
+    # A worker's agent could claim it: woken, on the route a claim would take.
+    for body, route in (
+        ({"title": "t", "labels": ["agent:worked"]}, ("worked", None)),
+        ({"title": "t", "labels": ["agent:both"]}, ("both", None)),
+        ({"title": "t"}, ("_", None)),
+        ({"title": "t", "assigned_agent_id": worker}, ("_", worker)),
+    ):
+        warnings, sent = wakes(body)
+        assert warnings == [] and [(p.req_key, p.assigned_agent_id) for p in sent] == [route]

@@ -8,7 +8,6 @@ a broker, and two beat processes at once (running two is meant to be harmless).
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import signal
 import subprocess
@@ -22,8 +21,7 @@ from typing import Any
 
 import pytest
 
-from fleet_common.agents import service as agents
-from fleet_common.db import Database, utcnow
+from fleet_common.db import Database
 from fleet_common.migrate import upgrade
 from fleet_common.settings import Settings, load_settings
 from fleet_worker.celery_app import FleetCelery, make_celery
@@ -190,22 +188,3 @@ def _database(backend: str, state_dir: Path) -> Iterator[str]:
     else:
         state_dir.mkdir(parents=True, exist_ok=True)
         yield f"sqlite:///{state_dir / 'fleet.db'}"
-
-
-def worker_agent(
-    session: Any, capabilities: list[str], *, max_concurrency: int = 1, host: str = "relay-host"
-) -> str:
-    """A configured host slot's ``ssh_cli`` agent row (a worker's), online for the next hour
-    (no offline sweep takes it during a test)."""
-    agent = agents.ensure_configured(
-        session,
-        host_uid=uuid.uuid4().hex,
-        name=f"{host}/demo#{uuid.uuid4().hex[:6]}",
-        host_id=host,
-        hostname="localhost",
-        agent_type="demo",
-        capabilities=capabilities,
-        max_concurrency=max_concurrency,
-        now=utcnow() + dt.timedelta(hours=1),
-    )
-    return agent.id

@@ -20,7 +20,7 @@ from fleet_worker.runtime import runtime_of
 from fleet_worker.schedule import RELAY_TASK, SWEEPS_QUEUE
 from fleet_worker.tasks.sweeps import prune_processed
 from tests import services
-from tests.worker.conftest import worker_agent
+from tests.api_helpers import worker_agent
 
 SWEEP_TASKS = {
     "fleet.sweep.heartbeats",

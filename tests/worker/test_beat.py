@@ -20,7 +20,8 @@ from fleet_common.dispatch.routing import agent_queue, queue_for_key
 from fleet_common.tasks import service as tasks
 from fleet_common.tasks.models import Task, TaskEvent, TaskStatus
 from fleet_worker.publisher import DISPATCH_TASK, wake_queue
-from tests.worker.conftest import Stack, worker_agent
+from tests.api_helpers import worker_agent
+from tests.worker.conftest import Stack
 
 SWEEP_WAIT = 30  # seconds; a sweep runs every second, the bound only guards against a hang
 
