@@ -8,6 +8,7 @@ import logging
 import socket
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,6 +81,10 @@ class HostWorker:
         self._lock = threading.Lock()
         self._stop_heartbeats = threading.Event()
         self._heartbeat_thread: threading.Thread | None = None
+        #: Claim loops a wake-up for several tasks starts besides its own (see serve()).
+        self._spread_pool = ThreadPoolExecutor(
+            max_workers=max(self.capacity, 1), thread_name_prefix="fleet-serve"
+        )
 
     @property
     def capacity(self) -> int:
@@ -143,6 +148,8 @@ class HostWorker:
 
     def close(self) -> None:
         self._stop_heartbeats.set()
+        self.stopping = True
+        self._spread_pool.shutdown(wait=True)  # their attempts end as Celery's own did
         self.executor.close()
 
     def _stop_all(self) -> None:
@@ -152,14 +159,20 @@ class HostWorker:
 
     # -- claiming and running -----------------------------------------------------------
 
-    def serve(self, queue: str | None = None) -> int:
+    def serve(self, queue: str | None = None, count: int = 1) -> int:
         """Claim and run the best eligible tasks for this host's slots until none is left
         (a wake-up message starts this; duplicates and stale ones find nothing). A wake-up
         from ``queue`` tries only the slots that serve that queue. Returns how many attempts
         ran. An attempt's completion claims the next task for its slot in the same statement
         (on PostgreSQL), which then runs in the place the attempt freed; an attempt that
-        claimed nothing so is followed by a claim of its own, as before."""
+        claimed nothing so is followed by a claim of its own, as before.
+
+        A wake-up that stands for ``count`` tasks also starts a claim loop like this one on
+        the host's own threads for each further task, as many as the slots have free places
+        (each of those returns when its claims find nothing, as this one does)."""
         slots = self._slots_for(queue)
+        if count > 1:
+            self._spread(queue, slots, count - 1)
         ran = 0
         claimed: tuple[Slot, Attempt] | None = None
         while claimed is not None or not self.stopping:  # a claimed task runs (or is stopped)
@@ -171,6 +184,29 @@ class HostWorker:
             claimed = None if following is None else (slot, following)
             ran += 1
         return ran
+
+    def _spread(self, queue: str | None, slots: list[Slot], more: int) -> None:
+        """Start up to ``more`` claim loops for ``queue`` besides the caller's, no more than
+        ``slots`` have free places for (the caller's own claim takes one)."""
+        with self._lock:
+            free = sum(
+                max(0, slot.config.max_concurrency - len(slot.running) - slot.claiming)
+                for slot in slots
+                if slot.desired_state == DesiredState.ACTIVE
+            )
+        for _ in range(min(more, free - 1)):
+            if self.stopping:
+                return
+            try:
+                self._spread_pool.submit(self._serve_spread, queue)
+            except RuntimeError:  # shut down meanwhile
+                return
+
+    def _serve_spread(self, queue: str | None) -> None:
+        try:
+            self.serve(queue)
+        except Exception:  # a wake-up's own loop is logged by Celery; this one by us
+            log.exception("host %s: a claim loop failed", self.host.host_id)
 
     def _slots_for(self, queue: str | None) -> list[Slot]:
         """The slots that serve ``queue`` (every slot for an unknown or missing queue)."""

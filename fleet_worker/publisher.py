@@ -15,6 +15,12 @@ batch: on Redis one pipeline, one round trip, for the messages and their Celery 
 events (a request's wake-up and write-back sync, and other requests' messages queued meanwhile).
 A batch that fails is dropped whole, like a single message was.
 
+The wake-ups of one batch for the same queue go as one message that says how many it stands
+for (``kwargs={"count": n}``, the first task's id in ``args``): the worker that receives it
+claims for up to that many of its free places at once. Under a burst the thread is behind the
+requests, batches grow, and the broker, the worker's consumer and Flower see one message per
+batch and queue instead of one per task; one task at a time, nothing changes.
+
 The same thread sends other messages that a sweep backs up the same way (a :class:`Message`:
 the Forgejo write-back's syncs, re-sent by its outbox sweep).
 """
@@ -83,6 +89,23 @@ def queue_name(item: Publish) -> str:
     return queue_for_key(item.req_key)
 
 
+class _Pending(queue.Queue[Any]):
+    """The items waiting to be sent."""
+
+    def put_all_nowait(self, items: list[Any]) -> int:
+        """Queue as many of ``items`` as there is room for, all at once: the sending thread
+        takes all of them or none (one call's wake-ups go in one batch); how many."""
+        with self.mutex:
+            room = self.maxsize - self._qsize() if self.maxsize > 0 else len(items)
+            taken = items[: max(room, 0)]
+            for item in taken:
+                self._put(item)
+            if taken:
+                self.unfinished_tasks += len(taken)
+                self.not_empty.notify()
+        return len(taken)
+
+
 class Publisher:
     """Sends wake-ups on a background thread; ``publish`` never blocks and never raises."""
 
@@ -99,7 +122,7 @@ class Publisher:
         self.sent = 0
         self.dropped = 0  # never sent: the queue was full, the broker down, or close() came first
         self._lock = threading.Lock()
-        self._pending: queue.Queue[Any] = queue.Queue(maxsize=max_pending)
+        self._pending = _Pending(maxsize=max_pending)
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
         self._closed = False
@@ -144,18 +167,17 @@ class Publisher:
             return
         if pending is None:
             return
-        for item in items:
-            try:
-                pending.put_nowait(item)
-            except queue.Full:
-                with self._lock:
-                    self.dropped += 1
-                    warn, self._full_warned = not self._full_warned, True
-                if warn:
-                    log.warning(
-                        "publisher: %d wake-ups pending, dropping; the relay sweep will re-send",
-                        self.max_pending,
-                    )
+        items = list(items)
+        left_out = len(items) - pending.put_all_nowait(items)
+        if left_out:
+            with self._lock:
+                self.dropped += left_out
+                warn, self._full_warned = not self._full_warned, True
+            if warn:
+                log.warning(
+                    "publisher: %d wake-ups pending, dropping; the relay sweep will re-send",
+                    self.max_pending,
+                )
 
     def flush(self, timeout: float) -> bool:
         """Wait until everything queued so far was sent or dropped; False on timeout."""
@@ -184,12 +206,12 @@ class Publisher:
             self._pending.put(_STOP, timeout=max(0.0, deadline - time.monotonic()))
         thread.join(max(0.0, deadline - time.monotonic()))
 
-    def _ensure_thread(self) -> queue.Queue[Any] | None:
+    def _ensure_thread(self) -> _Pending | None:
         with self._lock:
             if self._pid != os.getpid():
                 # A forked child: the thread did not survive and the connection is the parent's.
                 self._pid = os.getpid()
-                self._pending = queue.Queue(maxsize=self.max_pending)
+                self._pending = _Pending(maxsize=self.max_pending)
                 self._thread = None
                 self._connection = None
                 self._producer_ = None
@@ -241,23 +263,27 @@ class Publisher:
         if time.monotonic() < self._down_until:
             self._count(dropped=len(items))
             return
-        sent = refused = 0
+        sent = refused = 0  # items (a message stands for `count` wake-ups)
+        messages = coalesce(items)
+        done = 0  # messages
         try:
             producer = self._producer()
             with producer.batch():
-                for item in items:
+                for message, count in messages:
                     try:
-                        self._send_one(producer, item)
+                        self._send_one(producer, message, count)
                     except Exception as exc:
                         if not self._is_channel_error(exc):
                             raise
                         # The broker answered but refused this one message (a queue name it
                         # cannot store, for instance): the next message may well go through.
-                        refused += 1
-                        self._count(dropped=1)
-                        log.warning("publisher: the broker refused %s: %s", _what(item), exc)
+                        refused += count
+                        done += 1
+                        self._count(dropped=count)
+                        log.warning("publisher: the broker refused %s: %s", _what(message), exc)
                         continue
-                    sent += 1
+                    sent += count
+                    done += 1
         except Exception as exc:
             # A failed batch loses what it buffered; an unbatched send kept what went out.
             kept = 0 if self._batching else sent
@@ -270,7 +296,7 @@ class Publisher:
                 log.warning(
                     "publisher: cannot send %s (%s); dropping messages until the broker "
                     "answers, the relay and outbox sweeps will re-send them",
-                    _what(items[done]) if (done := sent + refused) < len(items) else "a batch",
+                    _what(messages[done][0]) if done < len(messages) else "a batch",
                     exc,
                 )
             return
@@ -281,7 +307,7 @@ class Publisher:
         if recovered:
             log.info("publisher: the broker answers again")
 
-    def _send_one(self, producer: Any, item: Publish | Message) -> None:
+    def _send_one(self, producer: Any, item: Publish | Message, count: int = 1) -> None:
         if isinstance(item, Message):
             name, task, args, kwargs, expires = (
                 item.queue,
@@ -295,7 +321,7 @@ class Publisher:
                 queue_name(item),
                 DISPATCH_TASK,
                 [item.task_id],
-                {},
+                {"count": count} if count > 1 else {},
                 None,
             )
         self._messages.send(producer, self._queue(name, producer), task, args, kwargs, expires)
@@ -349,6 +375,27 @@ class Publisher:
             connection.release()
         except Exception:  # a broken connection may fail to close; it is dropped either way
             log.debug("publisher: error closing the broker connection", exc_info=True)
+
+
+def coalesce(items: list[Publish | Message]) -> list[tuple[Publish | Message, int]]:
+    """The messages that send ``items``, each with how many items it stands for: the
+    wake-ups for one queue become their first one counted as many (in the order each queue
+    first appears); other messages go one for one."""
+    messages: list[tuple[Publish | Message, int]] = []
+    at: dict[str, int] = {}  # queue -> index in messages of its wake-up
+    for item in items:
+        if isinstance(item, Message):
+            messages.append((item, 1))
+            continue
+        name = queue_name(item)
+        index = at.get(name)
+        if index is None:
+            at[name] = len(messages)
+            messages.append((item, 1))
+        else:
+            first, count = messages[index]
+            messages[index] = (first, count + 1)
+    return messages
 
 
 def _what(item: Publish | Message) -> str:

@@ -12,6 +12,7 @@ from fleet_common.settings import AgentSlotSettings, HostSettings, load_settings
 from fleet_worker.attempt import Attempt, Control
 from fleet_worker.executors.local import LocalExecutor
 from fleet_worker.host import HostWorker, Slot
+from tests.api_helpers import wait_until
 
 
 class Worker(HostWorker):
@@ -102,3 +103,57 @@ def test_a_claim_that_found_nothing_retries_if_a_wake_up_was_turned_away_meanwhi
     assert worker.serve(queue_for_key("y")) == 1
     assert turned_away.is_set() and worker.slots[1].turned_away == 1
     assert worker.tasks == [] and worker.asked == [1, 1, 1]
+
+
+class Gated(Worker):
+    """A Worker whose attempts run until ``gate`` opens; ``peak`` is the most at once."""
+
+    def __init__(self, tmp_path: Path, tasks: list[str]) -> None:
+        super().__init__(tmp_path, tasks)
+        self.gate = threading.Event()
+        self.ran: list[str] = []
+        self.peak = 0
+
+    def _run(self, slot: Slot, attempt: Attempt) -> None:
+        with self._lock:
+            self.peak = max(self.peak, sum(len(s.running) for s in self.slots))
+        self.gate.wait(10)
+        with self._lock:
+            self.ran.append(attempt.task_id)
+            slot.running.pop(attempt.task_id, None)
+
+
+def running(worker: Worker) -> int:
+    with worker._lock:
+        return sum(len(slot.running) for slot in worker.slots)
+
+
+def test_a_wake_up_for_several_tasks_claims_for_as_many_free_places(tmp_path: Path) -> None:
+    # One message stands for five tasks on a queue both slots serve (three places): three
+    # claim loops run at once, no more, and together they run every task.
+    worker = Gated(tmp_path, ["t1", "t2", "t3", "t4", "t5"])
+    woken = threading.Thread(target=worker.serve, args=(queue_for_key(NO_REQUIREMENTS), 5))
+    woken.start()
+    wait_until(lambda: running(worker) == 3, timeout=10, what="three attempts at once")
+    assert worker.tasks == ["t4", "t5"]  # nobody claimed beyond the free places
+    worker.gate.set()
+    woken.join(10)
+    worker.close()
+    assert sorted(worker.ran) == ["t1", "t2", "t3", "t4", "t5"] and worker.peak == 3
+
+
+def test_a_wake_up_for_one_task_claims_in_its_own_loop_only(tmp_path: Path) -> None:
+    worker = Gated(tmp_path, ["t1", "t2"])
+    worker.gate.set()
+    assert worker.serve(queue_for_key(NO_REQUIREMENTS)) == 2
+    assert worker.peak == 1
+
+
+def test_the_extra_loops_count_only_free_places(tmp_path: Path) -> None:
+    # Slot 0 (two places) has one running: a wake-up for three tasks on its queue runs one.
+    worker = Gated(tmp_path, ["t1", "t2"])
+    occupy(worker.slots[0], "busy")
+    worker.gate.set()
+    assert worker.serve(queue_for_key("x"), 3) == 2
+    worker.close()
+    assert worker.peak == 2 and worker.ran == ["t1", "t2"]

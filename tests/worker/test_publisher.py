@@ -23,7 +23,14 @@ import pytest
 from fleet_common.settings import Settings, load_settings
 from fleet_common.sweeps import Publish
 from fleet_worker.celery_app import make_celery
-from fleet_worker.publisher import DISPATCH_TASK, Publisher, queue_name, wake_queue
+from fleet_worker.publisher import (
+    DISPATCH_TASK,
+    Message,
+    Publisher,
+    coalesce,
+    queue_name,
+    wake_queue,
+)
 from tests import services
 from tests.api_helpers import wait_until
 
@@ -135,7 +142,29 @@ def test_what_is_published_while_holding_is_queued_at_the_end(tmp_path: Path) ->
             assert publisher.flush(timeout=1) and publisher.sent == 0
         assert publisher.flush(timeout=10)
         assert (publisher.sent, publisher.dropped) == (2, 0)
-    assert {take(settings, "fleet.cap.held").decode()[0][0] for _ in range(2)} == {"tsk_a", "tsk_b"}
+    # Taken together by the sending thread, the two wake-ups went as one message for both.
+    assert take(settings, "fleet.cap.held").decode()[:2] == [["tsk_a"], {"count": 2}]
+
+
+def test_a_batch_sends_one_wake_up_per_queue_counting_its_tasks() -> None:
+    sync = Message("fleet.forgejo.sync", "fleet.forgejo", ("tsk_s",))
+    batch: list[Publish | Message] = [
+        Publish("tsk_1", "code:python", None),
+        sync,
+        Publish("tsk_2", "code:rust", None),
+        Publish("tsk_3", "code:python", None),
+        Publish("tsk_4", "_", "agt_7"),
+        Publish("tsk_5", "code:python", None),
+        sync,
+    ]
+    assert coalesce(batch) == [
+        (Publish("tsk_1", "code:python", None), 3),
+        (sync, 1),
+        (Publish("tsk_2", "code:rust", None), 1),
+        (Publish("tsk_4", "_", "agt_7"), 1),
+        (sync, 1),
+    ]
+    assert coalesce([]) == []
 
 
 def test_wake_ups_reach_redis(tmp_path: Path, redis_url: str) -> None:
@@ -215,7 +244,9 @@ def test_each_message_goes_with_its_task_sent_event(tmp_path: Path, redis_url: s
     confirmed = wait_until(lambda: events.get_message(timeout=0.1), timeout=5, what="subscribe")
     assert confirmed["type"] == "subscribe"
     with publisher_for(settings) as publisher:
-        for batch in (items(2), [Publish("tsk_9", "code:rust", None)]):
+        # One queue each: a batch's wake-ups for one queue would go as one message.
+        first = [Publish("tsk_0", "code:python", None), Publish("tsk_1", "code:go", None)]
+        for batch in (first, [Publish("tsk_9", "code:rust", None)]):
             publisher.publish(batch)
             assert publisher.flush(timeout=10)
             publisher._release_connection()  # the next batch binds to a new connection
@@ -235,10 +266,10 @@ def test_each_message_goes_with_its_task_sent_event(tmp_path: Path, redis_url: s
     wait_until(three, timeout=10, what="three task-sent events")
     assert [(e["type"], e["name"], e["queue"], e["args"]) for e in sent] == [
         ("task-sent", DISPATCH_TASK, "fleet.cap.code:python", "['tsk_0']"),
-        ("task-sent", DISPATCH_TASK, "fleet.cap.code:python", "['tsk_1']"),
+        ("task-sent", DISPATCH_TASK, "fleet.cap.code:go", "['tsk_1']"),
         ("task-sent", DISPATCH_TASK, "fleet.cap.code:rust", "['tsk_9']"),
     ]
-    for name, task_id in (("fleet.cap.code:python", "tsk_0"), ("fleet.cap.code:python", "tsk_1")):
+    for name, task_id in (("fleet.cap.code:python", "tsk_0"), ("fleet.cap.code:go", "tsk_1")):
         assert take(settings, name).decode()[0] == [task_id]
     assert take(settings, "fleet.cap.code:rust").decode()[0] == ["tsk_9"]
 
@@ -298,6 +329,7 @@ def test_messages_and_events_are_the_ones_send_task_sends(
     sends: list[Publish | Any] = [
         Publish("tsk_cap", own, None),
         Publish("tsk_agent", "code:python", f"agt_{own}"),
+        Publish("tsk_cap_2", own, None),  # goes with tsk_cap's: one message, count 2
         replace(sync_message("tsk_sync"), queue=f"fleet.sync.{own}"),
         replace(sync_message("tsk_sweep", force=True, retry=False), queue=f"fleet.sync.{own}"),
     ]
@@ -307,21 +339,23 @@ def test_messages_and_events_are_the_ones_send_task_sends(
         app.finalize()
     publisher = Publisher(app)
     try:
-        publisher.publish(sends)
-        assert publisher.flush(timeout=10) and publisher.sent == len(sends)
+        publisher._send(sends)  # one batch, as the sending thread sends it
+        assert publisher.sent == len(sends)
     finally:
         publisher.close()
+    messages = coalesce(sends)
+    assert len(messages) == len(sends) - 1
     reference = make_celery(settings)
     if finalized:
         dispatch.register(reference)
         reference.finalize()
-    for item in sends:  # the publisher's former call
+    for item, count in messages:  # the publisher's former call
         if isinstance(item, Publish):
             task, name, args, kwargs, extra = (
                 DISPATCH_TASK,
                 queue_name(item),
                 [item.task_id],
-                {},
+                {"count": count} if count > 1 else {},
                 {},
             )
         else:
@@ -353,10 +387,10 @@ def test_messages_and_events_are_the_ones_send_task_sends(
             body = json.loads(base64.b64decode(event["body"]))  # a worker's: a list of events
             if isinstance(body, dict) and own in body.get("queue", ""):
                 sent.append(event)
-        return len(sent) == 2 * len(sends)
+        return len(sent) == 2 * len(messages)
 
     wait_until(all_events, timeout=10, what="the task-sent events")
-    ours_events, theirs_events = sent[: len(sends)], sent[len(sends) :]
+    ours_events, theirs_events = sent[: len(messages)], sent[len(messages) :]
     for ours, theirs in zip(ours_events, theirs_events, strict=True):
         assert _normalized(ours, _PER_SEND) == _normalized(theirs, _PER_SEND)
 
