@@ -112,6 +112,12 @@ def wake(task: Task) -> None:
     context.publish_after_commit([Publish(task.id, task.req_key, task.assigned_agent_id)])
 
 
+def wake_if_served(task: Task) -> None:
+    """:func:`wake` if a worker's agent could claim ``task`` (pull agents poll)."""
+    if service.worker_could_claim(context.session(), task):
+        wake(task)
+
+
 @blp.route("")
 class Tasks(MethodView):
     @context.admin_lean
@@ -171,7 +177,7 @@ class TaskItem(MethodView):
         task = service.update_task(
             context.session(), task_id, body, actor=context.principal().actor
         )
-        wake(task)
+        wake_if_served(task)
         return task
 
 
@@ -202,7 +208,7 @@ class TaskRetry(MethodView):
     def post(self, task_id: str) -> Any:
         """Queue a failed task again now, with a fresh retry budget."""
         task = service.retry_task(context.session(), task_id, actor=context.principal().actor)
-        wake(task)
+        wake_if_served(task)
         return task
 
 

@@ -178,7 +178,7 @@ def _issue_event(
         if opened.outcome == "rejected":
             return IntakeResult("rejected", opened.detail, error=opened.detail)
         if opened.outcome == "created" and task is not None:
-            return IntakeResult("created", task.id, [task.id], [issues.wake(task)])
+            return IntakeResult("created", task.id, [task.id], issues.wakes(opened))
         return IntakeResult("exists", task.id if task else "")
     task = issues.active_task(session, repo, issue.number)
     if task is None and not qualifying and kind in _LABELLING:
@@ -211,7 +211,7 @@ def _relabel(
         return IntakeResult("rejected", detail, error=detail)
     if not changed:
         return IntakeResult("exists", task.id)
-    return IntakeResult("updated", task.id, [task.id], [issues.wake(task)])
+    return IntakeResult("updated", task.id, [task.id], issues.wake_if_served(session, task))
 
 
 def _pull_event(

@@ -153,6 +153,8 @@ class Opened:
     outcome: str
     task: Task | None = None
     detail: str = ""
+    #: A created task that a worker's agent could claim: its wake-up is worth sending.
+    woken: bool = False
 
 
 def open_task(
@@ -189,15 +191,27 @@ def open_task(
         task = service.new_task(settings, data, now=now)
     except FleetError as error:
         return Opened("rejected", None, f"issue #{issue.number}: {error.message}")
-    if not service.insert_created(session, task, actor):
+    stored = service.insert_checked(session, task, actor)
+    if stored is None:
         return Opened("exists", active_task(session, repo, issue.number))
     writeback.inserted(session, [task.id])
-    return Opened("created", task)
+    return Opened("created", task, woken=stored[1])
 
 
 def wake(task: Task) -> Publish:
     """The wake-up to publish after commit for a queued ``task``."""
     return Publish(task.id, task.req_key, task.assigned_agent_id)
+
+
+def wake_if_served(session: Session, task: Task) -> list[Publish]:
+    """The wake-up of a queued ``task`` whose route changed, if a worker could claim it."""
+    return [wake(task)] if service.worker_could_claim(session, task) else []
+
+
+def wakes(opened: Opened) -> list[Publish]:
+    """The wake-ups to publish for what :func:`open_task` did: one for a created task that a
+    worker could claim, none otherwise."""
+    return [wake(opened.task)] if opened.woken and opened.task is not None else []
 
 
 def relabel(

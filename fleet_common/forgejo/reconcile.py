@@ -123,7 +123,7 @@ def _open_side(
         )
         if opened.outcome == "created" and opened.task is not None:
             result.created.append(opened.task.id)
-            result.publish.append(issues.wake(opened.task))
+            result.publish.extend(issues.wakes(opened))
         elif opened.outcome == "rejected":
             health.record_error(session, repo, opened.detail, now)
 

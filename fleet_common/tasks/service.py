@@ -104,7 +104,7 @@ def create_task(
     if task.issue_number is not None:
         warned = capability_warnings(session, task.requirements, assigned)
         return _create_watched(session, task, actor, warned, request_digest)
-    stored = _insert_warned(session, task, actor)
+    stored = insert_checked(session, task, actor)
     if stored is not None:
         warnings, woken = stored
         return Created(task, warnings, woken=woken)
@@ -150,7 +150,19 @@ def insert_created(session: Session, task: Task, actor: str) -> bool:
     return _insert(session, task, actor, check=False) is not None
 
 
-def _insert_warned(session: Session, task: Task, actor: str) -> tuple[list[str], bool] | None:
+def worker_could_claim(session: Session, task: Task) -> bool:
+    """Whether a worker's agent (``ssh_cli``, live, not disabled) could claim ``task``, so
+    that its wake-up is worth sending (see :attr:`Created.woken`): pull agents poll, and a
+    message no worker reads stays in the broker."""
+    requirements, assigned = list(task.requirements or []), task.assigned_agent_id
+    if session.get_bind().dialect.name != "postgresql":
+        return _reach(session, requirements, assigned)[1]
+    query = _capable_query("", assigned is not None, bool(requirements), workers=True)
+    params = {"assigned": assigned, "requirements": requirements}
+    return bool(session.execute(select(query.exists()), params).scalar())
+
+
+def insert_checked(session: Session, task: Task, actor: str) -> tuple[list[str], bool] | None:
     """:func:`insert_created` with the task's :func:`capability_warnings` and whether a
     worker's agent could claim it (:attr:`Created.woken`); None when nothing was inserted.
     On PostgreSQL both checks are part of the insert's statement (one round trip fewer; the

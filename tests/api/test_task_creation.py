@@ -187,3 +187,20 @@ def test_a_wake_up_goes_out_only_where_a_workers_agent_could_claim_the_task(
     ):
         warnings, sent = wakes(body)
         assert warnings == [] and [(p.req_key, p.assigned_agent_id) for p in sent] == [route]
+
+
+def test_a_changed_task_is_woken_only_where_a_workers_agent_could_claim_it(
+    woken: tuple[Any, _Recorder], admin_token: str, db: Database
+) -> None:
+    client, recorder = woken
+    api = Api(client, admin_token)
+    puller = api.register("puller", ["pulled"])["agent"]["id"]
+    with db.session() as session:
+        worker = worker_agent(session, ["worked"])
+    task = api.post("/tasks", json={"title": "t", "assigned_agent_id": puller}).get_json()
+    assert recorder.published == []
+    assert api.patch(f"/tasks/{task['id']}", json={"priority": 3}).status_code == 200
+    assert recorder.published == []  # still the puller's: it polls
+    moved = api.patch(f"/tasks/{task['id']}", json={"assigned_agent_id": worker})
+    assert moved.status_code == 200
+    assert [(p.task_id, p.assigned_agent_id) for p in recorder.published] == [(task["id"], worker)]

@@ -15,7 +15,7 @@ from fleet_common.forgejo.models import WebhookDelivery
 from fleet_common.settings import Settings, load_settings
 from fleet_common.sweeps import Publish
 from fleet_common.tasks.models import Task, TaskEvent
-from tests.api_helpers import Api
+from tests.api_helpers import Api, worker_agent
 from tests.fakes.forgejo import WEBHOOK_SECRET, FakeForgejo
 
 HOOK = "/api/v1/webhooks/forgejo"
@@ -128,6 +128,11 @@ class Forge:
             assert task is not None
             session.expunge(task)
             return task
+
+    def worker(self, capabilities: list[str]) -> str:
+        """A worker's agent (``ssh_cli``) with ``capabilities``: tasks it could claim are woken."""
+        with self.db.session() as session:
+            return worker_agent(session, capabilities)
 
     def tasks(self) -> list[Task]:
         with self.db.session() as session:

@@ -11,11 +11,13 @@ import pytest
 from fleet_api.app import create_app
 from fleet_common.db import Database
 from fleet_common.forgejo.issues import render_prompt
+from tests.api_helpers import worker_agent
 from tests.fakes.forgejo import FakeForgejo
 from tests.forgejo_intake.conftest import HOOK, Forge, Recorder, forgejo_settings
 
 
 def test_an_opened_issue_with_the_trigger_label_becomes_one_task(forge: Forge) -> None:
+    forge.worker([])
     number, reply = forge.open_issue(
         "Fix the uploader", "It drops bytes.", labels=("fleet", "kind/bug")
     )
@@ -35,7 +37,21 @@ def test_an_opened_issue_with_the_trigger_label_becomes_one_task(forge: Forge) -
     assert forge.changed == [[task.id]]
 
 
+def test_a_task_only_pull_agents_serve_gets_no_wake_up(forge: Forge) -> None:
+    # Pull agents poll; a message on a queue no worker reads would stay in the broker.
+    forge.agent("puller", ["code:go"])
+    forge.worker(["code:python"])  # a worker, but not for this task
+    number, reply = forge.open_issue(labels=("agent:code:go",))
+    assert reply["outcome"] == "created"
+    assert forge.recorder.sent == []
+    # Relabelled to what the worker serves: woken now.
+    forge.fake.label_issue(forge.repo, number, "agent:code:python", replace=True)
+    assert forge.send("issues", "label_updated", number)["outcome"] == "updated"
+    assert [p.req_key for p in forge.recorder.sent] == ["code:python"]
+
+
 def test_agent_labels_qualify_and_become_requirements(forge: Forge) -> None:
+    forge.worker(["code:python", "tests", "docs"])
     _number, reply = forge.open_issue(labels=("agent:code:python", "agent:tests", "docs"))
     assert reply["outcome"] == "created"
     [task] = forge.tasks()
@@ -58,6 +74,7 @@ def test_an_issue_without_a_qualifying_label_waits_for_one(forge: Forge) -> None
 
 
 def test_a_queued_task_follows_its_labels_and_its_edits(forge: Forge) -> None:
+    forge.worker(["code:rust"])
     number, _ = forge.open_issue("Old title", labels=("fleet",))
     [task] = forge.tasks()
     forge.fake.label_issue(forge.repo, number, "agent:code:rust")
@@ -172,6 +189,8 @@ def test_racing_deliveries_make_exactly_one_task(
     recorder = Recorder()
     try:
         app = create_app(settings, db=database, publisher=recorder)
+        with database.session() as session:
+            worker_agent(session, [])
         number = fake.add_issue("alice/widgets", "Race me", labels=("fleet",))
         bodies = [
             fake.delivery("issues", action, repo="alice/widgets", number=number, sender=sender)

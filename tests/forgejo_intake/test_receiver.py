@@ -109,6 +109,7 @@ def test_redelivery_and_replay_with_a_new_id_are_duplicates(forge: Forge) -> Non
 
 
 def test_replayed_qualifying_delivery_creates_nothing_new(forge: Forge) -> None:
+    forge.worker([])
     number = forge.fake.add_issue(forge.repo, "Fix it", labels=("fleet",))
     headers, body = forge.fake.delivery(
         "issues", "opened", repo=forge.repo, number=number, sender="alice"

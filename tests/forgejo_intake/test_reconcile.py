@@ -33,6 +33,7 @@ def run(
 def test_a_qualifying_issue_whose_webhook_was_lost_gets_its_task(
     forge: Forge, settings: Settings, forgejo: ForgejoClient
 ) -> None:
+    forge.worker(["code:go"])
     number = forge.fake.add_issue(forge.repo, "Lost", "No webhook came.", labels=("agent:code:go",))
     forge.fake.add_issue(forge.repo, "Not for us", labels=("kind/bug",))
     result = run(forge.db, settings, forgejo)
