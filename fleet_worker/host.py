@@ -67,6 +67,7 @@ class HostWorker:
         *,
         executor: Executor | None = None,
         on_restart: Callable[[], None] | None = None,
+        on_resume: Callable[[Slot], None] | None = None,
         host_lock: HostLock | None = None,
     ) -> None:
         self.settings = settings
@@ -76,6 +77,9 @@ class HostWorker:
         self.slots = [Slot(i, cfg) for i, cfg in enumerate(host.agents)]
         self.stopping = False
         self.on_restart = on_restart
+        #: Called when a slot's agent takes work again (resumed, enabled): the tasks queued
+        #: meanwhile had their wake-ups turned away, and would wait for the relay.
+        self.on_resume = on_resume
         self.host_lock = host_lock
         self.pr_check = make_pr_check(settings) if settings.forgejo.enabled else lease.no_forge
         self._lock = threading.Lock()
@@ -347,11 +351,14 @@ class HostWorker:
                 ]
             with self.db.session() as session:
                 reply = agents.heartbeat(session, orch, slot.agent_id, presented, None)
-                slot.desired_state = reply.agent.desired_state
+                was, slot.desired_state = slot.desired_state, reply.agent.desired_state
                 for task_id in reply.cancelled_task_ids + reply.stale_task_ids:
                     self._stop_task(slot, task_id)
                 for command in reply.commands:
                     self._obey(session, slot, command.id, command.kind, command.payload)
+            resumed = was != DesiredState.ACTIVE == slot.desired_state
+            if resumed and self.on_resume is not None and not self.stopping:
+                self.on_resume(slot)
 
     def _stop_task(self, slot: Slot, task_id: str) -> None:
         entry = slot.running.get(task_id)

@@ -20,7 +20,7 @@ from fleet_common.dispatch.routing import NO_REQUIREMENTS
 from fleet_common.settings import AgentSlotSettings, HostSettings, Settings
 from fleet_common.sweeps import Publish
 from fleet_worker.celery_app import make_celery
-from fleet_worker.host import HostWorker
+from fleet_worker.host import HostWorker, Slot
 from fleet_worker.host_lock import HostLock, HostTaken
 from fleet_worker.tasks import dispatch
 
@@ -33,15 +33,17 @@ PER_MESSAGE_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
 
 #: What a worker's wake-up to itself carries instead of a task id (a wake-up is only a hint).
 CONNECTED_HINT = "(broker connected)"
+RESUMED_HINT = "(agent resumed)"
 
 
 def self_wake_ups(host: HostWorker) -> list[Publish]:
     """One wake-up per unit of the host's capacity, each on its slot's own agent queue."""
-    return [
-        Publish(CONNECTED_HINT, NO_REQUIREMENTS, slot.agent_id)
-        for slot in host.slots
-        for _ in range(slot.config.max_concurrency)
-    ]
+    return [wake_up for slot in host.slots for wake_up in slot_wake_ups(slot)]
+
+
+def slot_wake_ups(slot: Slot, hint: str = CONNECTED_HINT) -> list[Publish]:
+    """One wake-up per place of ``slot``, on its agent's queue (sent as one message)."""
+    return [Publish(hint, NO_REQUIREMENTS, slot.agent_id)] * slot.config.max_concurrency
 
 
 class WakeOnConnect(bootsteps.StartStopStep):
@@ -96,6 +98,7 @@ def run_worker(settings: Settings, host_id: str | None = None, *, loglevel: str 
         host,
         db,
         on_restart=lambda: os.kill(os.getpid(), signal.SIGTERM),
+        on_resume=lambda slot: app.runtime.publisher.publish(slot_wake_ups(slot, RESUMED_HINT)),
         host_lock=host_lock,
     )
     worker.register()

@@ -198,3 +198,17 @@ def test_a_forked_child_builds_its_own_database_and_publisher(tmp_path: Path) ->
     assert runtime.database is parent_db and runtime.publisher is parent_publisher
     runtime.database.ping()  # the parent's pool survived the child
     runtime.close()
+
+
+def test_a_slots_own_wake_ups_are_one_per_place_on_its_agent_queue() -> None:
+    from fleet_common.dispatch.routing import agent_queue
+    from fleet_common.settings import AgentSlotSettings
+    from fleet_worker.host import Slot
+    from fleet_worker.publisher import coalesce, queue_name
+    from fleet_worker.worker import RESUMED_HINT, slot_wake_ups
+
+    slot = Slot(0, AgentSlotSettings(agent_type="a", max_concurrency=3), agent_id="agt_1")
+    wake_ups = slot_wake_ups(slot, RESUMED_HINT)
+    assert len(wake_ups) == 3
+    assert {queue_name(w) for w in wake_ups} == {agent_queue("agt_1")}
+    assert [count for _, count in coalesce(wake_ups)] == [3]  # sent as one message

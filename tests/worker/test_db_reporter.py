@@ -229,3 +229,23 @@ def test_a_completion_that_claims_locks_the_agent_before_its_task_as_a_heartbeat
     assert not finishing.is_alive()
     assert rep.next_claim is not None
     assert state(db, attempt.task_id)[0].status == "completed"
+
+
+def test_a_slot_whose_agent_is_resumed_wakes_itself_once(
+    worker: HostWorker, db: Database, settings: Settings
+) -> None:
+    # Tasks queued while the agent was drained had their wake-ups turned away: on resume the
+    # worker wakes the slot at once instead of leaving them to the relay.
+    resumed: list[Any] = []
+    worker.on_resume = resumed.append
+    slot = worker.slots[0]
+    with db.session() as session:
+        agents.update_agent(session, slot.agent_id, {"desired_state": "draining"}, actor="a:t")
+    worker.heartbeat()
+    worker.heartbeat()
+    assert slot.desired_state == "draining" and resumed == []
+    with db.session() as session:
+        agents.update_agent(session, slot.agent_id, {"desired_state": "active"}, actor="a:t")
+    worker.heartbeat()
+    worker.heartbeat()
+    assert slot.desired_state == "active" and resumed == [slot]
