@@ -15,7 +15,7 @@ from sqlalchemy import text as sql
 
 from fleet_common.agents import service as agents
 from fleet_common.auth import tokens
-from fleet_common.db import Database
+from fleet_common.db import Database, utcnow
 from fleet_common.settings import AgentSlotSettings, HostSettings, Settings
 from fleet_common.tasks import lease, logs, replay
 from fleet_common.tasks import service as tasks
@@ -249,3 +249,41 @@ def test_a_slot_whose_agent_is_resumed_wakes_itself_once(
     worker.heartbeat()
     worker.heartbeat()
     assert slot.desired_state == "active" and resumed == [slot]
+
+
+def test_the_completion_finds_the_task_by_primary_key_whatever_the_statistics(
+    worker: HostWorker, db: Database, settings: Settings
+) -> None:
+    # A table never analyzed (a new install's first burst): the completion's row is found by
+    # its primary key, never by walking the lease index, whose entries for finished tasks
+    # stay until a vacuum.
+    if db.dialect != "postgresql":
+        pytest.skip("PostgreSQL's plan")
+    import json
+
+    from psycopg import RawCursor
+
+    from fleet_common.db import _OnDriver
+    from fleet_common.tasks import lease_sql
+
+    attempt = claim(worker, db, settings)
+    with db.engine.connect() as connection:
+        dialect = connection.dialect
+        for (log, then_claim), statement in lease_sql._COMPLETES.items():
+            if then_claim:
+                continue  # the next claim's CTEs need a reading; the row lookup is the same
+            driver = _OnDriver(statement.on(dialect), dialect)
+            params: dict[str, Any] = {
+                "task_id": attempt.task_id,
+                "agent_id": attempt.agent_id,
+                "lease_digest": tokens.digest(attempt.lease_token),
+                "now": utcnow(),
+                "actor": "agent:x",
+                "receipt": json.dumps({"exit_code": 0}),
+                "size": 3,
+                **({"seq": 0, "data": "ok\n", "max_bytes": 1_000_000} if log else {}),
+            }
+            cursor = RawCursor(connection.connection.driver_connection)
+            cursor.execute("EXPLAIN (FORMAT JSON) " + driver.raw_sql, driver.parameters(params))
+            plan = json.dumps(cursor.fetchone()[0])
+            assert "pk_tasks" in plan and "ix_tasks_active_lease" not in plan, plan
