@@ -80,6 +80,8 @@ def read_stamp(path: Path) -> float | None:
 
 
 def pct(values: list[float], q: int) -> float:
+    if len(values) < 2:  # one sample (--embedded-latency-tasks 1): it is every percentile
+        return values[0]
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
