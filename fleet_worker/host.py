@@ -151,9 +151,12 @@ class HostWorker:
         timer.start()
 
     def close(self) -> None:
+        """Stop: nothing new is claimed, what still runs is stopped (after a warm shutdown's
+        grace nothing does), and the claim loops on the host's threads are waited for."""
         self._stop_heartbeats.set()
         self.stopping = True
-        self._spread_pool.shutdown(wait=True)  # their attempts end as Celery's own did
+        self._stop_all()
+        self._spread_pool.shutdown(wait=True)
         self.executor.close()
 
     def _stop_all(self) -> None:
