@@ -33,6 +33,11 @@ class Publish:
     req_key: str
     assigned_agent_id: str | None
 
+    @classmethod
+    def of(cls, task: Task) -> Publish:
+        """The wake-up of a queued ``task``, on the route a claim would take."""
+        return cls(task.id, task.req_key, task.assigned_agent_id)
+
 
 def offline_agents(session: Session, settings: OrchestratorSettings, now: dt.datetime) -> int:
     """Agents silent past the threshold go offline; their tasks fail ``agent_lost``."""
@@ -138,7 +143,7 @@ def due_for_publish(
         route = (task.req_key, task.assigned_agent_id)
         if places.get(route, 0) > 0:
             places[route] -= 1
-            out.append(Publish(task.id, task.req_key, task.assigned_agent_id))
+            out.append(Publish.of(task))
     return out
 
 

@@ -109,7 +109,7 @@ _created = lean.dumper(CreatedTaskSchema)
 
 def wake(task: Task) -> None:
     """Publish the task's wake-up after this request commits."""
-    context.publish_after_commit([Publish(task.id, task.req_key, task.assigned_agent_id)])
+    context.publish_after_commit([Publish.of(task)])
 
 
 def wake_if_served(task: Task) -> None:

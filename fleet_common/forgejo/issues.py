@@ -198,20 +198,15 @@ def open_task(
     return Opened("created", task, woken=stored[1])
 
 
-def wake(task: Task) -> Publish:
-    """The wake-up to publish after commit for a queued ``task``."""
-    return Publish(task.id, task.req_key, task.assigned_agent_id)
-
-
 def wake_if_served(session: Session, task: Task) -> list[Publish]:
     """The wake-up of a queued ``task`` whose route changed, if a worker could claim it."""
-    return [wake(task)] if service.worker_could_claim(session, task) else []
+    return [Publish.of(task)] if service.worker_could_claim(session, task) else []
 
 
 def wakes(opened: Opened) -> list[Publish]:
     """The wake-ups to publish for what :func:`open_task` did: one for a created task that a
     worker could claim, none otherwise."""
-    return [wake(opened.task)] if opened.woken and opened.task is not None else []
+    return [Publish.of(opened.task)] if opened.woken and opened.task is not None else []
 
 
 def relabel(
