@@ -27,7 +27,10 @@ def test_hot_worker_statements_reach_psycopg_unconverted() -> None:
     whatever their length (it caches the conversion of a pyformat query only up to 4,096
     bytes)."""
     dialect = postgresql.psycopg.dialect()  # type: ignore[attr-defined]
-    hot = [*lease_sql._COMPLETES.values(), claim._PG_CLAIM_START, claim._PG_WALK_START]
+    hot = [
+        *(lease_sql._completion(log, keys) for log in (False, True) for keys in (None, 1)),
+        *claim._pg_start_claims(1),
+    ]
     for statement in hot:
         assert isinstance(statement, Prebuilt)
         raw = _OnDriver(statement.on(dialect), dialect).raw_sql

@@ -7,7 +7,7 @@ its concurrent claims itself and claims in one statement that takes the row's lo
 that its claims do not queue behind each other's commit; a drain, a deletion or a heartbeat of
 the agent still waits for them, and they for it.
 
-PostgreSQL then claims in one statement (:data:`_PG_CLAIM`): it picks the best unlocked head
+PostgreSQL then claims in one statement (:func:`_pg_claims`): it picks the best unlocked head
 of the queues the agent can serve, locks that one row (``FOR UPDATE SKIP LOCKED``), moves it to
 ``dispatched`` and appends its ``dispatched`` event (the one :func:`state.transition` would
 write, built by :func:`state.event_data`), and returns the row. Only when every head it looked
@@ -19,7 +19,9 @@ single write lock (``BEGIN IMMEDIATE``) and moves the task with :func:`state.tra
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -53,20 +55,25 @@ class Claim(Generic[T]):
 # value is a bind parameter). Statuses are literals so the planner matches the partial indexes.
 _ELIGIBLE = "status = 'queued' AND (not_before IS NULL OR not_before <= :now)"
 _ORDER = "priority DESC, created_at, id"
-# The best rows of each queue the agent can serve (its requirement keys, and the tasks
-# assigned to it), in claim order, ``{lock}`` (nothing, or FOR UPDATE SKIP LOCKED).
+# The best ``{depth}`` rows of each queue the agent can serve (its requirement keys
+# ``{keys}``, and the tasks assigned to it), in claim order, ``{lock}`` (nothing, or FOR UPDATE
+# SKIP LOCKED). The statement's shape is literal, its values parameters: the depth, and the
+# number of keys (``ARRAY[:key_0, ...]``, not one array parameter). With either a parameter
+# PostgreSQL cannot cost a prepared statement's generic plan (it assumes a LIMIT of a tenth
+# of the queue, an array of ten keys), finds it dearer than plans made for the values, and
+# so plans the claim afresh on every run, which costs about as much as running it.
 _HEADS = f"""
-    SELECT h.id, h.priority, h.created_at FROM unnest(CAST(:keys AS text[])) AS k(key)
+    SELECT h.id, h.priority, h.created_at FROM unnest(ARRAY[{{keys}}]) AS k(key)
     CROSS JOIN LATERAL (
         SELECT id, priority, created_at FROM tasks
         WHERE {_ELIGIBLE} AND assigned_agent_id IS NULL AND req_key = k.key
-        ORDER BY {_ORDER} LIMIT :depth {{lock}}
+        ORDER BY {_ORDER} LIMIT {{depth}} {{lock}}
     ) AS h
     UNION ALL
     SELECT id, priority, created_at FROM (
         SELECT id, priority, created_at FROM tasks
         WHERE {_ELIGIBLE} AND assigned_agent_id = :agent_id
-        ORDER BY {_ORDER} LIMIT :depth {{lock}}
+        ORDER BY {_ORDER} LIMIT {{depth}} {{lock}}
     ) AS a
 """  # noqa: S608
 # Below the agent's capacity (an InitPlan: evaluated once, before anything is locked).
@@ -153,21 +160,29 @@ def _dispatch(*, start: bool) -> str:
     )
 
 
-def _claim_statement(picked: str) -> TextualSelect:
-    """The claim with ``picked`` (the CTE choosing and locking the row, a template of
-    ``{at}`` and ``{room}``): typed result columns, so the result metadata is cached with the
-    compiled statement."""
+def _shaped(picked: str, keys: int, **parts: str) -> str:
+    """``picked`` (a template of ``{at}``, ``{room}``, ``{depth}`` and ``{keys}``) for an
+    agent serving ``keys`` requirement keys (:func:`key_params`)."""
+    names = ", ".join(f"CAST(:key_{n} AS text)" for n in range(keys))
+    return picked.format(depth=heads_depth(keys), keys=names, **parts)
+
+
+def _claim_statement(picked: str, keys: int) -> TextualSelect:
+    """The claim with ``picked`` (the CTE choosing and locking the row, see :func:`_shaped`)
+    for ``keys`` requirement keys: typed result columns, so the result metadata is cached with
+    the compiled statement."""
     returned = ", ".join(f"claimed.{column.name}" for column in _TASK_COLUMNS)
-    picked = picked.format(at="", room=_HAS_ROOM)
+    picked = _shaped(picked, keys, at="", room=_HAS_ROOM)
     sql = f"WITH {picked},\n{_dispatch(start=False)}\nSELECT {returned} FROM claimed"
     return text(compact(sql)).columns(*_TASK_COLUMNS)
 
 
-def started_ctes(picked: str, room: str = _HAS_ROOM, *, agent: bool = True) -> str:
-    """The CTEs of the worker's claim (:func:`claim_and_start`), claiming if ``room``;
-    without ``agent``, those after :data:`AGENT_SHARED` (for a statement that puts it first)."""
+def started_ctes(picked: str, keys: int, room: str = _HAS_ROOM, *, agent: bool = True) -> str:
+    """The CTEs of the worker's claim (:func:`claim_and_start`) for ``keys`` requirement
+    keys, claiming if ``room``; without ``agent``, those after :data:`AGENT_SHARED` (for a
+    statement that puts it first)."""
     room = f"{room} AND EXISTS (SELECT 1 FROM known)"  # noqa: S608
-    picked = picked.format(at=f", {_AT} AS at", room=room)
+    picked = _shaped(picked, keys, at=f", {_AT} AS at", room=room)
     return f"{AGENT_SHARED if agent else ''}{picked},\n{_dispatch(start=True)}"
 
 
@@ -182,15 +197,15 @@ STARTED_FROM = "agent LEFT JOIN claimed ON true"
 STARTED_COLUMNS: tuple[Any, ...] = (*_AGENT_RETURNED, *_RUN_COLUMNS)
 
 
-def _started_statement(picked: str) -> TextualSelect:
-    sql = f"WITH {started_ctes(picked)}\nSELECT {STARTED_RESULT} FROM {STARTED_FROM}"
+def _started_statement(picked: str, keys: int) -> TextualSelect:
+    sql = f"WITH {started_ctes(picked, keys)}\nSELECT {STARTED_RESULT} FROM {STARTED_FROM}"
     return text(compact(sql)).columns(*STARTED_COLUMNS)
 
 
 # The usual case: lock only the best free head (re-checked once locked: a head claimed
 # since the statement's snapshot no longer matches and is skipped).
 _PICK_HEAD = f"""
-heads AS ({_HEADS.format(lock="")}),
+heads AS ({_HEADS.format(lock="", depth="{depth}", keys="{keys}")}),
 picked AS (
     SELECT id{{at}} FROM tasks
     WHERE id = ANY(ARRAY(SELECT id FROM heads)) AND {_ELIGIBLE}
@@ -200,34 +215,62 @@ picked AS (
 )"""  # noqa: S608
 # Every head locked by others: walk each queue to its first free row (locking one per
 # queue), as the heads may all be taken.
+_FIRST_FREE = _HEADS.format(lock="FOR UPDATE SKIP LOCKED", depth=1, keys="{keys}")
 _PICK_WALKING = f"""
 picked AS (
     SELECT id{{at}} FROM tasks WHERE id = (
-        SELECT c.id FROM ({_HEADS.format(lock="FOR UPDATE SKIP LOCKED")}) AS c
+        SELECT c.id FROM ({_FIRST_FREE}) AS c
         WHERE {{room}}
         ORDER BY c.priority DESC, c.created_at, c.id LIMIT 1)
 )"""  # noqa: S608
-_PG_CLAIM = _claim_statement(_PICK_HEAD)
-_PG_WALK = _claim_statement(_PICK_WALKING)
-# The worker's, run by the driver too (see Prebuilt).
-_PG_CLAIM_START = Prebuilt(_started_statement(_PICK_HEAD))
-_PG_WALK_START = Prebuilt(_started_statement(_PICK_WALKING))
-#: The worker's claim as part of its completion's statement (``lease_sql``, whose CTE ``done``
-#: is the completed task, ``:task_id``): only after that completion, and counting the
-#: capacity without the task it completes (still running in the statement's snapshot). The
-#: heads only: a claim that finds them all taken is made again on its own.
-CLAIM_AFTER_COMPLETION = started_ctes(
-    _PICK_HEAD,
-    _ROOM.format(other=" AND id <> :task_id") + " AND EXISTS (SELECT 1 FROM done)",  # noqa: S608
-    agent=False,
-)
-# For a reply, run by the driver (see Prebuilt); loading the claimed task into the session
-# (built once, like every hot statement).
-_PG_CLAIM_ROW, _PG_WALK_ROW = Prebuilt(_PG_CLAIM), Prebuilt(_PG_WALK)
-_PG_CLAIM_ORM = select(Task).from_statement(_PG_CLAIM).execution_options(populate_existing=True)
-_PG_WALK_ORM = select(Task).from_statement(_PG_WALK).execution_options(populate_existing=True)
 # Heads looked at per claim: enough to get past the rows concurrent claimers hold.
 _HEADS_PER_CLAIM = 32
+
+
+def heads_depth(keys: int) -> int:
+    """How many heads of each queue a claim looks at, for an agent serving ``keys``
+    requirement keys (and its assigned tasks): :data:`_HEADS_PER_CLAIM` in all."""
+    return max(1, _HEADS_PER_CLAIM // (keys + 1))
+
+
+def key_params(keys: Sequence[str]) -> dict[str, Any]:
+    """The parameters naming the requirement keys an agent serves, and their number
+    (``key_count``, which picks the statements made for it)."""
+    return {"key_count": len(keys)} | {f"key_{n}": key for n, key in enumerate(keys)}
+
+
+def _orm(statement: TextualSelect) -> Any:
+    """``statement`` loading the claimed task into the session."""
+    return select(Task).from_statement(statement).execution_options(populate_existing=True)
+
+
+# The statements are made once for each number of keys agents serve (a handful).
+@functools.cache
+def _pg_claims(keys: int, *, orm: bool) -> tuple[Any, Any]:
+    """The claim's two statements (the heads, then the walk), for a reply (run by the
+    driver, see Prebuilt) or loading the claimed task into the session (``orm``)."""
+    statements = (_claim_statement(_PICK_HEAD, keys), _claim_statement(_PICK_WALKING, keys))
+    return tuple(_orm(s) if orm else Prebuilt(s) for s in statements)  # type: ignore[return-value]
+
+
+@functools.cache
+def _pg_start_claims(keys: int) -> tuple[Prebuilt, Prebuilt]:
+    """The worker's claim's two statements (the heads, then the walk)."""
+    return (
+        Prebuilt(_started_statement(_PICK_HEAD, keys)),
+        Prebuilt(_started_statement(_PICK_WALKING, keys)),
+    )
+
+
+@functools.cache
+def claim_after_completion(keys: int) -> str:
+    """The worker's claim as part of its completion's statement (``lease_sql``, whose CTE
+    ``done`` is the completed task, ``:task_id``): only after that completion, and counting
+    the capacity without the task it completes (still running in the statement's snapshot).
+    The heads only: a claim that finds them all taken is made again on its own."""
+    room = _ROOM.format(other=" AND id <> :task_id") + " AND EXISTS (SELECT 1 FROM done)"  # noqa: S608
+    return started_ctes(_PICK_HEAD, keys, room, agent=False)
+
 
 # What the claim needs of the agent, read under its row lock.
 _AGENT_COLUMNS = (
@@ -329,12 +372,11 @@ def claim_and_start(
             lease.report_status(session, held, TaskStatus.RUNNING, None, now=utcnow())
         return claim, reading
     params, token = started_params(settings, agent_id, reading)
-    for statement in (_PG_CLAIM_START, _PG_WALK_START):
+    for statement in _pg_start_claims(params["key_count"]):
         row = statement.execute(session, params).first()
         claim, now = read_started(session, row, token)
         if claim is not None or now != reading:
             return claim, now
-        params["depth"] = 1  # the walk stops at each queue's first free row
     return None, reading
 
 
@@ -432,12 +474,10 @@ def _pg_params(
 ) -> dict[str, Any]:
     """The parameters of the PostgreSQL claim statements."""
     keys = servable_keys(capabilities, settings.max_requirements)
-    return {
-        "keys": keys,
+    return key_params(keys) | {
         "agent_id": agent_id,
         "now": now,
         "capacity": capacity,
-        "depth": max(1, _HEADS_PER_CLAIM // (len(keys) + 1)),
         "from_status": TaskStatus.QUEUED.value,
         "to_status": TaskStatus.DISPATCHED.value,
         "actor": _actor(agent_id),
@@ -451,15 +491,13 @@ def _pg_params(
 
 def _claim_pg(session: Session, params: dict[str, Any], *, orm: bool) -> Any:
     """The claimed task (an ORM object if ``orm``, else a row), or None."""
-    statements = (_PG_CLAIM_ORM, _PG_WALK_ORM) if orm else (_PG_CLAIM_ROW, _PG_WALK_ROW)
-    for statement in statements:
+    for statement in _pg_claims(params["key_count"], orm=orm):
         if isinstance(statement, Prebuilt):
             task = statement.execute(session, params).first()
         else:
             task = session.scalars(statement, params).first()
         if task is not None:
             return task
-        params["depth"] = 1  # the walk stops at each queue's first free row
     return None
 
 

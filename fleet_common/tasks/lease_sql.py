@@ -13,6 +13,7 @@ decides (and refuses) exactly as before. SQLite always takes the general path.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 from typing import Any
 
@@ -30,7 +31,7 @@ from fleet_common.tasks.models import TaskStatus
 _EVENT_COLUMNS = "task_id, seq, type, from_status, to_status, actor, data, at"
 
 # {room}: the log chunk's condition (new, within the cap) or nothing; {chunk}: its insert;
-# {then}: the worker's next claim (:data:`claim.CLAIM_AFTER_COMPLETION`, its agent CTEs
+# {then}: the worker's next claim (:func:`claim.claim_after_completion`, its agent CTEs
 # {before}) or nothing, and
 # {first}: with it, the agent's row is locked (shared) before the task's row, as a heartbeat
 # locks them (the agent, then its tasks): a scalar subquery, evaluated once the task's row is
@@ -83,29 +84,27 @@ chunk AS (
 _DONE = "done.id AS done_id, done.issue_number AS done_issue_number"
 _DONE_COLUMNS = (column("done_id", String), column("done_issue_number", Integer))
 _ALONE = {"before": "", "then": "", "first": "", "result": f"{_DONE} FROM done"}
-_THEN_CLAIM = {
-    "before": claim.AGENT_SHARED,
-    "first": "\n      AND (SELECT count(*) FROM agent) >= 0",
-    "then": f",\n{claim.CLAIM_AFTER_COMPLETION}",
-    "result": f"{_DONE}, {claim.STARTED_RESULT} FROM done LEFT JOIN ({claim.STARTED_FROM}) ON true",
-}
-#: The completion, quiet or with the log's chunk (``log``), alone or with the worker's next
-#: claim (``then_claim``); run by the driver (see :class:`Prebuilt`).
-_COMPLETES = {
-    (log, then_claim): Prebuilt(
-        text(
-            compact(
-                _COMPLETE.format(
-                    room=_ROOM if log else "",
-                    chunk=_CHUNK if log else "",
-                    **(_THEN_CLAIM if then_claim else _ALONE),
-                )
-            )
-        ).columns(*_DONE_COLUMNS, *(claim.STARTED_COLUMNS if then_claim else ()))
-    )
-    for log in (False, True)
-    for then_claim in (False, True)
-}
+
+
+def _then_claim(keys: int) -> dict[str, str]:
+    return {
+        "before": claim.AGENT_SHARED,
+        "first": "\n      AND (SELECT count(*) FROM agent) >= 0",
+        "then": f",\n{claim.claim_after_completion(keys)}",
+        "result": f"{_DONE}, {claim.STARTED_RESULT} FROM done "
+        f"LEFT JOIN ({claim.STARTED_FROM}) ON true",
+    }
+
+
+@functools.cache
+def _completion(log: bool, keys: int | None) -> Prebuilt:
+    """The completion, quiet or with the log's chunk (``log``), alone or with the worker's
+    next claim (for an agent serving ``keys`` requirement keys); run by the driver (see
+    :class:`Prebuilt`), built once."""
+    parts = _ALONE if keys is None else _then_claim(keys)
+    sql = _COMPLETE.format(room=_ROOM if log else "", chunk=_CHUNK if log else "", **parts)
+    columns = (*_DONE_COLUMNS, *(claim.STARTED_COLUMNS if keys is not None else ()))
+    return Prebuilt(text(compact(sql)).columns(*columns))
 
 
 def on_postgresql(session: Session) -> bool:
@@ -153,7 +152,7 @@ def complete_plain(
         seq, data = log
         size = len(data.encode("utf-8", "replace"))
         params.update(seq=seq, data=data, size=size, max_bytes=max_bytes)
-    statement = _COMPLETES[with_log, then_claim is not None]
+    statement = _completion(with_log, None if then_claim is None else then_claim["key_count"])
     row = statement.execute(session, params).first()
     if row is not None and row.done_issue_number is not None:
         writeback.inserted(session, [row.done_id])  # the write-back's flush hook cannot see it

@@ -273,12 +273,12 @@ def main() -> None:
 def _flask_round(args: argparse.Namespace, db_url: str, bare: Any, agent_ids: list[str]) -> float:
     harness.reset_tasks(db_url)
     harness.insert_tasks(db_url, args.tasks)
-    cpu_before = bare.workers_cpu()
+    cpu_before, pg_before = bare.workers_cpu(), harness.backends_cpu(db_url)
     outcomes, seconds = harness.run_clients(
         http_client, [(bare.url, db_url, a, "", False) for a in agent_ids], timeout=600
     )
     rate = report("bare Flask", outcomes, seconds, args.tasks)
-    _cpu_line(bare.workers_cpu() - cpu_before, outcomes)
+    _cpu_line(bare.workers_cpu() - cpu_before, harness.backends_cpu(db_url) - pg_before, outcomes)
     print("   " + check_claims(db_url, outcomes, args.tasks, fleet=False))
     return rate
 
@@ -293,7 +293,7 @@ def _fleet_round(args: argparse.Namespace, db_url: str, server: Any, *, profile:
     def start_profiler() -> None:
         profilers.append(harness.Profiler(server.worker_pids(), seconds=10))
 
-    cpu_before = server.workers_cpu()
+    cpu_before, pg_before = server.workers_cpu(), harness.backends_cpu(db_url)
 
     outcomes, seconds = harness.run_clients(
         http_client,
@@ -305,16 +305,21 @@ def _fleet_round(args: argparse.Namespace, db_url: str, server: Any, *, profile:
         on_start=start_profiler if profile else None,
     )
     rate = report("Fleet", outcomes, seconds, args.tasks)
-    _cpu_line(server.workers_cpu() - cpu_before, outcomes)
+    _cpu_line(server.workers_cpu() - cpu_before, harness.backends_cpu(db_url) - pg_before, outcomes)
     print("   " + check_claims(db_url, outcomes, args.tasks, fleet=True))
     for profiler in profilers:
         print(profiler.summary())
     return rate
 
 
-def _cpu_line(cpu: float, outcomes: list[Outcome]) -> None:
+def _cpu_line(cpu: float, backends: float, outcomes: list[Outcome]) -> None:
+    """The API workers' CPU and their PostgreSQL backends' (those still connected: the
+    servers' pools), per request."""
     requests = sum(o.requests for o in outcomes)
-    print(f"   API workers used {cpu:.1f} CPU-s = {1000 * cpu / requests:.2f} ms per request")
+    print(
+        f"   API workers used {cpu:.1f} CPU-s = {1000 * cpu / requests:.2f} ms per request; "
+        f"their PostgreSQL backends {1000 * backends / requests:.2f} ms"
+    )
 
 
 def _fmt(values: list[float]) -> str:

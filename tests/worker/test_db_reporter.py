@@ -269,9 +269,9 @@ def test_the_completion_finds_the_task_by_primary_key_whatever_the_statistics(
     attempt = claim(worker, db, settings)
     with db.engine.connect() as connection:
         dialect = connection.dialect
-        for (log, then_claim), statement in lease_sql._COMPLETES.items():
-            if then_claim:
-                continue  # the next claim's CTEs need a reading; the row lookup is the same
+        # Without the next claim (its CTEs need a reading; the row lookup is the same).
+        for log in (False, True):
+            statement = lease_sql._completion(log, None)
             driver = _OnDriver(statement.on(dialect), dialect)
             params: dict[str, Any] = {
                 "task_id": attempt.task_id,
