@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from fleet_common.agents import service as agent_service
+from fleet_common.auth import service as auth
+from fleet_common.auth.models import TokenKind
 from fleet_common.db import utcnow
 
 
@@ -275,6 +277,27 @@ def assert_log_replays(db: Any) -> None:
     with db.session() as session:
         differences = [str(d) for d in replay.verify(session)]
     assert differences == []
+
+
+def pull_agent(
+    session: Any,
+    capabilities: list[str],
+    *,
+    name: str = "puller",
+    max_concurrency: int = 1,
+    now: dt.datetime | None = None,
+) -> str:
+    """A pull agent (``http_pull``) registered, as at ``now``, with a join token minted for
+    it."""
+    _, join = auth.mint(session, TokenKind.JOIN, actor="test", ttl_secs=3600)
+    body = {
+        "join_token": join,
+        "name": name,
+        "host_uid": uuid.uuid4().hex,
+        "capabilities": capabilities,
+        "max_concurrency": max_concurrency,
+    }
+    return agent_service.register(session, body, now=now).agent.id
 
 
 def worker_agent(

@@ -18,11 +18,10 @@ import pytest
 from sqlalchemy import text
 
 from fleet_common.agents import service as agents
-from fleet_common.auth import service as auth
-from fleet_common.auth.models import TokenKind
 from fleet_common.db import Database, utcnow
 from fleet_common.dispatch import claim
 from fleet_common.tasks import lease_sql
+from tests.api_helpers import pull_agent
 from tests.concurrency.seed import TaskSpec, queue_tasks
 from tests.conftest import make_settings
 
@@ -36,15 +35,7 @@ def _setup(tmp_path: Path, pg_url: str, capabilities: list[str]) -> tuple[Databa
     settings = make_settings(tmp_path, pg_url).orchestrator
     db = Database(pg_url, pool_size=1)  # one connection: every run on it
     with db.session() as session:
-        _, join = auth.mint(session, TokenKind.JOIN, actor="test", ttl_secs=600)
-        body = {
-            "join_token": join,
-            "name": "planner",
-            "host_uid": "planner",
-            "capabilities": capabilities,
-            "max_concurrency": 1_000,
-        }
-        agent_id = agents.register(session, body).agent.id
+        agent_id = pull_agent(session, capabilities, max_concurrency=1_000)
     labels = [f"agent:{c}" for c in capabilities]
     queue_tasks(db, settings, [TaskSpec(f"t{n}", labels=labels) for n in range(QUEUED)])
     with db.engine.connect() as connection:

@@ -17,9 +17,6 @@ import pytest
 from sqlalchemy import select, text, update
 
 from fleet_common import sweeps
-from fleet_common.agents import service as agents
-from fleet_common.auth import service as auth
-from fleet_common.auth.models import TokenKind
 from fleet_common.db import Database, utcnow
 from fleet_common.dispatch.claim import claim_next
 from fleet_common.forgejo import prs
@@ -29,6 +26,7 @@ from fleet_common.tasks import service as tasks
 from fleet_common.tasks.models import Task, TaskEvent
 from fleet_common.tasks.replay import Difference
 from fleet_common.tasks.state import PR_COLUMNS
+from tests.api_helpers import pull_agent
 
 HOUR = dt.timedelta(hours=1)
 
@@ -54,15 +52,7 @@ class Driver:
         self.settings = settings
         self.orch = settings.orchestrator
         with db.session() as session:
-            _, join = auth.mint(session, TokenKind.JOIN, actor="test", ttl_secs=600)
-            body = {
-                "join_token": join,
-                "name": "replayer",
-                "host_uid": "replayer",
-                "capabilities": ["code:python"],
-                "max_concurrency": 10,
-            }
-            self.agent_id = agents.register(session, body).agent.id
+            self.agent_id = pull_agent(session, ["code:python"], max_concurrency=10)
 
     def create(self, title: str, **data: Any) -> str:
         with self.db.session() as session:

@@ -10,35 +10,21 @@ from typing import Any
 
 from sqlalchemy import select
 
-from fleet_common.agents import service as agents
 from fleet_common.agents.models import Agent, AgentStatus
-from fleet_common.auth import service as auth
-from fleet_common.auth.models import TokenKind
 from fleet_common.db import utcnow
 from fleet_common.dispatch.claim import claim_next
 from fleet_common.dispatch.routing import agent_queue, queue_for_key
 from fleet_common.tasks import service as tasks
 from fleet_common.tasks.models import Task, TaskEvent, TaskStatus
 from fleet_worker.publisher import DISPATCH_TASK, wake_queue
-from tests.api_helpers import worker_agent
+from tests.api_helpers import pull_agent, worker_agent
 from tests.worker.conftest import Stack
 
 SWEEP_WAIT = 30  # seconds; a sweep runs every second, the bound only guards against a hang
 
 
 def register_agent(session: Any, capability: str, *, heartbeat_at: dt.datetime) -> str:
-    _, join = auth.mint(session, TokenKind.JOIN, actor="test", ttl_secs=3600)
-    registered = agents.register(
-        session,
-        {
-            "join_token": join,
-            "name": f"agent-{capability}",
-            "host_uid": uuid.uuid4().hex,
-            "capabilities": [capability],
-        },
-        now=heartbeat_at,
-    )
-    return registered.agent.id
+    return pull_agent(session, [capability], name=f"agent-{capability}", now=heartbeat_at)
 
 
 def new_task(session: Any, stack: Stack, **data: Any) -> str:
