@@ -1,4 +1,5 @@
-"""The claim statements are planned once per connection, not on every run.
+"""The claim statements are planned once per connection, not on every run; and planned again
+once the tasks table has grown (the statistics sweep analyzes it).
 
 psycopg prepares a statement run five times on a connection; PostgreSQL then plans it for
 the values of each of its first five runs and afterwards keeps a generic plan unless that
@@ -17,11 +18,12 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
+from fleet_common import sweeps
 from fleet_common.agents import service as agents
 from fleet_common.db import Database, utcnow
 from fleet_common.dispatch import claim
 from fleet_common.tasks import lease_sql
-from tests.api_helpers import pull_agent
+from tests.api_helpers import pull_agent, wait_until
 from tests.concurrency.seed import TaskSpec, queue_tasks
 from tests.conftest import make_settings
 
@@ -103,5 +105,43 @@ def test_the_worker_claim_and_its_completion_keep_generic_plans(
                 assert row is not None and row.done_id == made.task.id
         _assert_generic(_plans(db, "UPDATE tasks SET status='completed'", autocommit=True))
         _assert_generic(_plans(db, "agent LEFT JOIN claimed ON true", autocommit=True))
+    finally:
+        db.dispose()
+
+
+def test_the_statistics_sweep_analyzes_the_tasks_table_once_it_has_grown(
+    tmp_path: Path, pg_url: str
+) -> None:
+    settings = make_settings(tmp_path, pg_url).orchestrator
+    db = Database(pg_url, pool_size=1)
+    queue_tasks(db, settings, [TaskSpec(f"t{n}") for n in range(QUEUED)])
+    db.dispose()  # the inserting backend ends, reporting what it changed at once
+    db = Database(pg_url, pool_size=1)
+
+    def sweep() -> int:
+        with db.session() as session:
+            return sweeps.task_statistics(session, settings, utcnow())
+
+    def reltuples() -> float:
+        with db.session() as session:
+            return float(
+                session.scalar(text("SELECT reltuples FROM pg_class WHERE relname = 'tasks'"))
+            )
+
+    try:
+        wait_until(lambda: sweep() == 1, timeout=30, what="the sweep analyzing tasks")
+        assert reltuples() == QUEUED  # the statistics the planner reads now count every row
+        assert sweep() == 0  # nothing changed since
+    finally:
+        db.dispose()
+
+
+def test_the_statistics_sweep_does_nothing_on_sqlite(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/fleet.db"
+    db = Database(url)
+    try:
+        with db.session() as session:
+            settings = make_settings(tmp_path, url).orchestrator
+            assert sweeps.task_statistics(session, settings, utcnow()) == 0
     finally:
         db.dispose()
