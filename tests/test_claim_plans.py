@@ -5,10 +5,9 @@ psycopg prepares a statement run five times on a connection; PostgreSQL then pla
 the values of each of its first five runs and afterwards keeps a generic plan unless that
 looks dearer than the plans made for the values. A claim whose LIMIT and keys were
 parameters always looked dearer, so it was planned afresh on every run (about as costly as
-running it). These
-tests run each hot claim statement on one connection, with a queue of some size (on a
-table of a few rows, planning for the values is rightly preferred: the costs are tiny), and
-read PostgreSQL's own count of the plans it used (``pg_prepared_statements``).
+running it). These tests run each hot claim statement on one connection, with a queue of
+some size (on a table of a few rows, planning for the values is rightly preferred: the costs
+are tiny), and read PostgreSQL's own count of the plans it used (``pg_prepared_statements``).
 """
 
 from __future__ import annotations
