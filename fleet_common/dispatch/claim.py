@@ -162,9 +162,9 @@ def _dispatch(*, start: bool) -> str:
 
 def _shaped(picked: str, keys: int, **parts: str) -> str:
     """``picked`` (a template of ``{at}``, ``{room}``, ``{depth}`` and ``{keys}``) for an
-    agent serving ``keys`` requirement keys (:func:`key_params`)."""
+    agent serving ``keys`` requirement keys (:func:`_key_params`)."""
     names = ", ".join(f"CAST(:key_{n} AS text)" for n in range(keys))
-    return picked.format(depth=heads_depth(keys), keys=names, **parts)
+    return picked.format(depth=_heads_depth(keys), keys=names, **parts)
 
 
 def _claim_statement(picked: str, keys: int) -> TextualSelect:
@@ -227,13 +227,13 @@ picked AS (
 _HEADS_PER_CLAIM = 32
 
 
-def heads_depth(keys: int) -> int:
+def _heads_depth(keys: int) -> int:
     """How many heads of each queue a claim looks at, for an agent serving ``keys``
     requirement keys (and its assigned tasks): :data:`_HEADS_PER_CLAIM` in all."""
     return max(1, _HEADS_PER_CLAIM // (keys + 1))
 
 
-def key_params(keys: Sequence[str]) -> dict[str, Any]:
+def _key_params(keys: Sequence[str]) -> dict[str, Any]:
     """The parameters naming the requirement keys an agent serves, and their number
     (``key_count``, which picks the statements made for it)."""
     return {"key_count": len(keys)} | {f"key_{n}": key for n, key in enumerate(keys)}
@@ -249,8 +249,8 @@ def _orm(statement: TextualSelect) -> Any:
 def _pg_claims(keys: int, *, orm: bool) -> tuple[Any, Any]:
     """The claim's two statements (the heads, then the walk), for a reply (run by the
     driver, see Prebuilt) or loading the claimed task into the session (``orm``)."""
-    statements = (_claim_statement(_PICK_HEAD, keys), _claim_statement(_PICK_WALKING, keys))
-    return tuple(_orm(s) if orm else Prebuilt(s) for s in statements)  # type: ignore[return-value]
+    head, walk = _claim_statement(_PICK_HEAD, keys), _claim_statement(_PICK_WALKING, keys)
+    return (_orm(head), _orm(walk)) if orm else (Prebuilt(head), Prebuilt(walk))
 
 
 @functools.cache
@@ -262,7 +262,6 @@ def _pg_start_claims(keys: int) -> tuple[Prebuilt, Prebuilt]:
     )
 
 
-@functools.cache
 def claim_after_completion(keys: int) -> str:
     """The worker's claim as part of its completion's statement (``lease_sql``, whose CTE
     ``done`` is the completed task, ``:task_id``): only after that completion, and counting
@@ -474,7 +473,7 @@ def _pg_params(
 ) -> dict[str, Any]:
     """The parameters of the PostgreSQL claim statements."""
     keys = servable_keys(capabilities, settings.max_requirements)
-    return key_params(keys) | {
+    return _key_params(keys) | {
         "agent_id": agent_id,
         "now": now,
         "capacity": capacity,
