@@ -206,13 +206,6 @@ class Executor(ABC):
         host cannot be reached.
         """
 
-    def start_supervised(
-        self, argv: Sequence[str], *, cwd: str | None, env: Mapping[str, str]
-    ) -> ProcessHandle:
-        """:meth:`start`, for a caller that waits for the process to its end on this thread
-        (:meth:`execute`); a transport may start it more cheaply then."""
-        return self.start(argv, cwd=cwd, env=env)
-
     @abstractmethod
     def write_file(self, path: str, data: bytes, *, append: bool = False) -> None:
         """Write ``data`` to ``path`` on the host."""
@@ -247,7 +240,7 @@ class Executor(ABC):
         """
         started = time.monotonic()
         try:
-            proc = self.start_supervised(argv, cwd=cwd, env=dict(env or {}))
+            proc = self.start(argv, cwd=cwd, env=dict(env or {}))
         except StartFailed as exc:
             on_output(f"[fleet] cannot start {argv[0]!r}: {exc}\n".encode())
             return ExecResult(127, duration_secs=time.monotonic() - started)

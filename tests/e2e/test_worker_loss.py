@@ -1,10 +1,10 @@
 """Acceptance (issue #3), point 4: a worker SIGKILLed mid-task loses nothing.
 
 With the default heartbeat, lease and backoff settings, a worker killed while its agent runs
-takes the agent with it (parent-death signal) and the processes the agent started (the
-reaper), the attempt fails ``agent_lost`` (or
-``lease_expired``), and another worker retries the task and completes it within 90 s. The
-agent writes a journal of its starts and ends: the two attempts never overlap.
+takes the agent and the processes it started with it (the worker's reaper), the attempt
+fails ``agent_lost`` (or ``lease_expired``), and another worker retries the task and
+completes it within 90 s. The agent writes a journal of its starts and ends: the two attempts
+never overlap.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -15,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from fleet_common.settings import HostSettings
-from fleet_worker.executors import local
 from fleet_worker.executors.base import ExecResult, _supervise
 from fleet_worker.executors.local import LocalExecutor
 from fleet_worker.workspace import plan_run
@@ -68,6 +68,7 @@ def test_agent_gets_fleet_variables_and_nothing_else_of_the_worker(
     assert env["FLEET_WORKSPACE"] == workspace
     assert env["FLEET_RECEIPT_PATH"] == f"{workspace}/.fleet/receipt.json"
     assert env["FLEET_BRANCH"] == ""
+    assert len(env["FLEET_TRACKING_ID"]) == 16  # the worker's: its reaper kills what has it
     assert env["AGENT_SETTING"] == "on"
     assert env["PATH"] == os.environ["PATH"]
     assert env["LANG"] == "C.UTF-8"
@@ -80,6 +81,7 @@ def test_agent_gets_fleet_variables_and_nothing_else_of_the_worker(
         "FLEET_BRANCH",
         "FLEET_REPO",
         "FLEET_ISSUE_NUMBER",
+        "FLEET_TRACKING_ID",
         "AGENT_SETTING",
         "PATH",
         "HOME",
@@ -122,30 +124,30 @@ def test_stragglers_holding_the_output_are_killed_when_the_main_process_exits() 
     wait_until(lambda: not pid_alive(int(out.value("bg"))), 5, "the straggler to die")
 
 
-#: How the parent-death signal is set: setpriv in front of the command (vfork), or the
-#: preexec_fn fallback for machines without util-linux's setpriv.
-SPAWN_MODES = ["setpriv", "preexec"]
-
-
-@pytest.fixture(params=SPAWN_MODES)
-def spawn_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    if request.param == "setpriv" and local.SETPRIV is None:
-        pytest.skip("no setpriv with --pdeathsig on this machine")
-    if request.param == "preexec":
-        monkeypatch.setattr(local, "SETPRIV", None)
-    return str(request.param)
-
-
-def test_a_missing_command_fails_like_a_shell_would(spawn_mode: str) -> None:
+def test_a_missing_command_fails_like_a_shell_would() -> None:
     out = Output()
     result = LocalExecutor().execute(["fleet-no-such-command"], on_output=out)
     assert result.exit_code == 127
     assert "cannot start 'fleet-no-such-command'" in out.text
 
 
+def test_a_program_removed_after_its_first_run_is_searched_for_again(tmp_path: Path) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder, word in ((first, "first"), (second, "second")):
+        folder.mkdir()
+        (folder / "fleet-hello").write_text(f"#!/bin/sh\necho {word}\n")
+        (folder / "fleet-hello").chmod(0o755)
+    path = f"{first}:{second}:{os.environ['PATH']}"
+    runs = []
+    for _ in range(2):
+        out = Output()
+        LocalExecutor().execute(["fleet-hello"], env={"PATH": path}, on_output=out)
+        runs.append(out.text)
+        (first / "fleet-hello").unlink(missing_ok=True)
+    assert runs == ["first\n", "second\n"]
+
+
 def test_a_child_survives_the_thread_that_started_it() -> None:
-    # PR_SET_PDEATHSIG fires when the forking *thread* exits: children must be forked by the
-    # long-lived spawner thread, not by the caller's.
     executor = LocalExecutor()
     handles = []
     starter = threading.Thread(
@@ -161,56 +163,30 @@ def test_a_child_survives_the_thread_that_started_it() -> None:
     assert (result.exit_code, out.text) == (0, "alive\n")
 
 
-PARENT = textwrap.dedent(
+#: A worker that starts ``sys.argv[1]`` (a shell command), prints ``ready`` and waits to be
+#: killed. ``unwatched``: it dies before it could name the agent's group to the reaper.
+#: ``forked``: it has forked a child (as Celery's prefork pool does) that outlives it.
+WORKER = textwrap.dedent(
     """
-    import sys
+    import os, sys, time
     from fleet_worker.executors import local
     from fleet_worker.executors.local import LocalExecutor
 
-    if sys.argv[1] == "preexec":
-        local.SETPRIV = None
-
-    def show(chunk):
-        sys.stdout.write(chunk.decode())
-        sys.stdout.flush()
-
-    LocalExecutor().execute(["sh", "-c", "echo agent=$$; exec sleep 300"], on_output=show)
-    """
-)
-
-
-@pytest.mark.parametrize("mode", SPAWN_MODES)
-def test_a_sigkilled_worker_leaves_no_agent_behind(mode: str) -> None:
-    parent = subprocess.Popen(
-        [sys.executable, "-c", PARENT, mode], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert parent.stdout is not None
-        line = parent.stdout.readline()
-        assert line.startswith("agent="), line
-        agent_pid = int(line.split("=")[1])
-        assert pid_alive(agent_pid)
-        parent.send_signal(signal.SIGKILL)
-        parent.wait(10)
-        wait_until(lambda: not pid_alive(agent_pid), 5, "the agent to die with its worker")
-    finally:
-        if parent.poll() is None:
-            parent.kill()
-            parent.wait()
-
-
-GRANDPARENT = textwrap.dedent(
-    """
-    import sys, time
-    from fleet_worker.executors.local import LocalExecutor
-
+    if "unwatched" in sys.argv:
+        local._REAPER_PROCESS.watch = lambda pgid: None
     executor = LocalExecutor()
     done = executor.start(["sh", "-c", "true"], cwd=None, env={})
     while done.wait(0.1) is None:
         pass
     done.close()  # forgotten by the reaper: its group id may be reused
+    if "forked" in sys.argv:
+        child = os.fork()
+        if child == 0:
+            time.sleep(300)
+            os._exit(0)
+        sys.stdout.write(f"forked={child}\\n")
     for _ in range(2):  # one reaper watches both groups
-        executor.start(["sh", "-c", "sleep 300 & wait"], cwd=None, env={})
+        executor.start(["sh", "-c", sys.argv[1]], cwd=None, env={})
     sys.stdout.write("ready\\n")
     sys.stdout.flush()
     time.sleep(300)
@@ -218,22 +194,41 @@ GRANDPARENT = textwrap.dedent(
 )
 
 
-def test_a_sigkilled_worker_leaves_none_of_its_agents_children_behind() -> None:
-    parent = subprocess.Popen(
-        [sys.executable, "-c", GRANDPARENT], stdout=subprocess.PIPE, text=True
+@pytest.mark.parametrize(
+    ("command", "how"),
+    [
+        ("exec sleep 300", ""),  # the agent itself
+        ("sleep 300 & wait", ""),  # its children, in its group
+        ("setsid sleep 300 & wait", ""),  # a child that left the group
+        ("exec sleep 300", "unwatched"),  # an agent started just before the worker died
+        ("exec sleep 300", "forked"),  # a worker's forked child holds no reaper pipe
+    ],
+    ids=["agent", "children", "setsid-child", "unwatched-agent", "forked-worker"],
+)
+def test_a_sigkilled_worker_leaves_nothing_behind(command: str, how: str) -> None:
+    worker = subprocess.Popen(
+        [sys.executable, "-c", WORKER, command, how], stdout=subprocess.PIPE, text=True
     )
+    forked: list[int] = []
     try:
-        assert parent.stdout is not None
-        assert parent.stdout.readline() == "ready\n"
-        sleeps = _sleeps_under(parent.pid)
+        assert worker.stdout is not None
+        line = worker.stdout.readline()
+        if line.startswith("forked="):
+            forked.append(int(line.split("=")[1]))
+            line = worker.stdout.readline()
+        assert line == "ready\n"
+        sleeps = _sleeps_under(worker.pid)
         assert len(sleeps) == 2, sleeps
-        parent.send_signal(signal.SIGKILL)
-        parent.wait(10)
-        wait_until(lambda: not any(map(pid_alive, sleeps)), 5, "the agents' children to die")
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(10)
+        wait_until(lambda: not any(map(pid_alive, sleeps)), 5, f"{sleeps} to die")
     finally:
-        if parent.poll() is None:
-            parent.kill()
-            parent.wait()
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        for pid in forked:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def _sleeps_under(root: int) -> list[int]:

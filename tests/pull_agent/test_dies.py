@@ -18,7 +18,7 @@ def test_a_daemon_killed_mid_task_loses_nothing(system: System) -> None:
 
     doomed.signal(signal.SIGKILL)
     doomed.wait(10)
-    # The agent's process dies with its daemon (parent-death signal): nothing runs unseen.
+    # The agent's process dies with its daemon (its reaper): nothing runs unseen.
     system.wait_for(lambda: process_gone(runs[0].pid), timeout=5, what="the orphaned agent")
 
     rescuer = system.daemon("rescuer")
