@@ -61,6 +61,9 @@ class OrchestratorSettings:
     redact_patterns: tuple[str, ...] = ()
     secrets: tuple[str, ...] = ()
     worker_shutdown_grace_secs: int = 30
+    #: Celery task events from the start (workers) and task-sent events (the API). Off, as in
+    #: Celery: Flower switches the workers' on while it runs (its periodic ``enable_events``).
+    task_events: bool = False
 
     @property
     def offline_after_secs(self) -> int:

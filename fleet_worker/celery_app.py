@@ -171,9 +171,10 @@ def make_celery(settings: Settings) -> FleetCelery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         worker_cancel_long_running_tasks_on_connection_loss=True,
-        # Flower needs task events, and task-sent events to show queued messages.
-        worker_send_task_events=True,
-        task_send_sent_event=True,
+        # Flower shows tasks from their events: it switches the workers' on while it runs;
+        # task_events has them sent always, and task-sent events too (queued messages).
+        worker_send_task_events=settings.orchestrator.task_events,
+        task_send_sent_event=settings.orchestrator.task_events,
         beat_schedule=beat_schedule(settings),
     )
     if settings.broker_url.startswith("filesystem:"):

@@ -134,7 +134,6 @@ def run_worker(settings: Settings, host_id: str | None = None, *, loglevel: str 
         loglevel,
         "--without-gossip",
         "--without-mingle",
-        "--task-events",
     ]
     try:
         code = app.start(argv=argv)

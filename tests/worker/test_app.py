@@ -63,8 +63,11 @@ def test_redis_fails_fast_and_outlives_the_longest_task(tmp_path: Path) -> None:
     assert app.conf.broker_connection_timeout <= 5
     assert app.conf.task_acks_late and app.conf.task_reject_on_worker_lost
     assert app.conf.worker_prefetch_multiplier == 1
-    assert app.conf.worker_send_task_events and app.conf.task_send_sent_event
+    # Off unless asked for, as in Celery: Flower turns the workers' on while it runs.
+    assert not app.conf.worker_send_task_events and not app.conf.task_send_sent_event
     assert not (tmp_path / "state" / "broker").exists()
+    events = make_celery(settings_for(tmp_path, FLEET_ORCHESTRATOR_TASK_EVENTS="true"))
+    assert events.conf.worker_send_task_events and events.conf.task_send_sent_event
 
 
 def test_building_the_app_connects_to_nothing(tmp_path: Path) -> None:
