@@ -100,7 +100,7 @@ def plan_run(
             DirsStep("prepare", make=(control, posixpath.join(workspace, ".git", "info"))),
         ]
     else:
-        setup = [DirsStep("prepare", remove=(workspace,), make=(control,))]
+        setup = [DirsStep("prepare", remove=(workspace,), make=(workspace, control))]
     if clone_url:
         # Keep the prompt and receipt out of whatever the agent commits.
         exclude = posixpath.join(workspace, ".git", "info", "exclude")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,6 +21,31 @@ def test_a_removed_tree_leaves_its_path_at_once_and_is_deleted_later(tmp_path: P
     assert local_fs.wait_removed(10)
     assert [p.name for p in tmp_path.iterdir()] == ["t-1"]
     assert (tree / ".fleet").is_dir()
+
+
+def test_trees_removed_together_are_deleted_together_by_rm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runs: list[list[str]] = []
+    real_run = subprocess.run
+
+    def recording_run(argv: list[str], **options: Any) -> Any:
+        runs.append(list(argv))
+        return real_run(argv, **options)
+
+    monkeypatch.setattr(local_fs.subprocess, "run", recording_run)
+    for n in range(20):
+        (tmp_path / f"t-{n}" / ".fleet").mkdir(parents=True)
+        local_fs.remove_tree(str(tmp_path / f"t-{n}"))
+    assert local_fs.wait_removed(10)
+    assert list(tmp_path.iterdir()) == []
+    # Deleted outside the worker's process, a few rm for twenty trees (one, unless the machine
+    # stalls for longer than the gathering between two removals).
+    assert all(argv[:3] == ["rm", "-rf", "--"] for argv in runs)
+    assert sorted(Path(p).name.split(".removing-")[0] for argv in runs for p in argv[3:]) == sorted(
+        f".t-{n}" for n in range(20)
+    )
+    assert 1 <= len(runs) <= 3
 
 
 def test_trees_a_dead_process_left_are_swept(tmp_path: Path) -> None:

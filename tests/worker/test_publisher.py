@@ -35,11 +35,12 @@ from tests import services
 from tests.api_helpers import wait_until
 
 
-def broker_settings(tmp_path: Path, broker_url: str) -> Settings:
+def broker_settings(tmp_path: Path, broker_url: str, **env: str) -> Settings:
     return load_settings(
         env={
             "FLEET_ORCHESTRATOR_STATE_DIR": str(tmp_path / "state"),
             "FLEET_BROKER_URL": broker_url,
+            **env,
         }
     )
 
@@ -231,11 +232,12 @@ def test_sending_resumes_when_the_broker_comes_back(tmp_path: Path, redis_url: s
 
 
 def test_each_message_goes_with_its_task_sent_event(tmp_path: Path, redis_url: str) -> None:
-    # The queues and the event exchange are bound to the publisher's channel once; every
-    # message still goes out with its own Celery task-sent event, on every connection.
+    # With [orchestrator] task_events: the queues and the event exchange are bound to the
+    # publisher's channel once; every message still goes out with its own Celery task-sent
+    # event, on every connection.
     import redis
 
-    settings = broker_settings(tmp_path, redis_url)
+    settings = broker_settings(tmp_path, redis_url, FLEET_ORCHESTRATOR_TASK_EVENTS="true")
     client = redis.Redis.from_url(redis_url)
     events = client.pubsub()
     # Pub/sub channels span the server's databases: only this database's task-sent events
@@ -318,7 +320,7 @@ def test_messages_and_events_are_the_ones_send_task_sends(
     from fleet_worker.tasks import dispatch
     from fleet_worker.tasks.forgejo import sync_message
 
-    settings = broker_settings(tmp_path, redis_url)
+    settings = broker_settings(tmp_path, redis_url, FLEET_ORCHESTRATOR_TASK_EVENTS="true")
     client = redis.Redis.from_url(redis_url)
     events = client.pubsub()
     events.psubscribe("*celeryev*")
