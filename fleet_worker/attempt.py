@@ -14,7 +14,7 @@ from typing import Any, Protocol
 from fleet_common.settings import AgentTypeSettings, HostSettings, OrchestratorSettings
 from fleet_worker.executors.base import Executor, ExecutorError, RunResult
 from fleet_worker.outcome import Outcome, outcome_of
-from fleet_worker.redaction import Redactor
+from fleet_worker.redaction import redactor_for
 from fleet_worker.workspace import plan_run
 
 log = logging.getLogger("fleet.worker")
@@ -142,7 +142,7 @@ class AttemptRun:
                 clone_url=a.clone_url,
                 issue_number=a.issue_number,
                 timeout_secs=timeout,
-                redactor=Redactor(orch.secrets, orch.redact_patterns),
+                redactor=redactor_for(orch.secrets, orch.redact_patterns),
             )
             result = self.executor.run(spec, self._output, self._should_cancel)
         except ExecutorError as error:

@@ -7,6 +7,7 @@ so a secret split across two chunks is still recognised once the rest arrives.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -80,6 +81,8 @@ class Redactor:
         return RedactingStream(self, sink)
 
     def _spans(self, data: bytes) -> list[_Span]:
+        if not data:
+            return []
         spans = []
         for pattern in self._patterns:
             for match in pattern.finditer(data):
@@ -108,6 +111,12 @@ class Redactor:
             pos = span.hide_end
         out.append(data[pos:cut])
         return b"".join(out)
+
+
+@functools.lru_cache(maxsize=64)
+def redactor_for(secrets: tuple[str, ...], patterns: tuple[str, ...]) -> Redactor:
+    """The Redactor of these secrets and patterns, made once (it holds nothing per use)."""
+    return Redactor(secrets, patterns)
 
 
 class RedactingStream:

@@ -124,10 +124,15 @@ class _Reaper:
                     return
                 except OSError:
                     self._popen = None
+                    with contextlib.suppress(OSError):
+                        popen.stdin.close()
+                    popen.poll()  # reaped, if it is dead
 
     def _running(self, *, start: bool) -> subprocess.Popen[bytes] | None:
+        # Not polled for each line: a dead reaper's pipe refuses the write (BrokenPipeError),
+        # and the next write starts a new one.
         popen = self._popen
-        if popen is not None and popen.poll() is None:
+        if popen is not None:
             return popen
         if not start:
             return None

@@ -166,6 +166,7 @@ def test_a_child_survives_the_thread_that_started_it() -> None:
 #: A worker that starts ``sys.argv[1]`` (a shell command), prints ``ready`` and waits to be
 #: killed. ``unwatched``: it dies before it could name the agent's group to the reaper.
 #: ``forked``: it has forked a child (as Celery's prefork pool does) that outlives it.
+#: ``reaper-died``: its reaper was killed after the first agent.
 WORKER = textwrap.dedent(
     """
     import os, sys, time
@@ -179,6 +180,10 @@ WORKER = textwrap.dedent(
     while done.wait(0.1) is None:
         pass
     done.close()  # forgotten by the reaper: its group id may be reused
+    if "reaper-died" in sys.argv:  # the next start finds out and starts another
+        reaper = local._REAPER_PROCESS._popen
+        reaper.kill()
+        reaper.wait()
     if "forked" in sys.argv:
         child = os.fork()
         if child == 0:
@@ -202,8 +207,9 @@ WORKER = textwrap.dedent(
         ("setsid sleep 300 & wait", ""),  # a child that left the group
         ("exec sleep 300", "unwatched"),  # an agent started just before the worker died
         ("exec sleep 300", "forked"),  # a worker's forked child holds no reaper pipe
+        ("sleep 300 & wait", "reaper-died"),  # the reaper was killed before these started
     ],
-    ids=["agent", "children", "setsid-child", "unwatched-agent", "forked-worker"],
+    ids=["agent", "children", "setsid-child", "unwatched-agent", "forked-worker", "new-reaper"],
 )
 def test_a_sigkilled_worker_leaves_nothing_behind(command: str, how: str) -> None:
     worker = subprocess.Popen(
