@@ -22,6 +22,8 @@ from flask import current_app, g, request
 from sqlalchemy.orm import Session
 
 from fleet_common.auth import service as auth
+from fleet_common.auth import tokens
+from fleet_common.auth.models import TokenKind
 from fleet_common.auth.service import Principal
 from fleet_common.db import Database
 from fleet_common.errors import Forbidden, Unauthorized
@@ -92,8 +94,9 @@ def _run(
 ) -> Any:
     ctx = fleet()
     g.after_commit = []
+    autocommit = single is not None and _token_fits(who) and single()
     with ctx.holding():  # what the request publishes after commit goes out together
-        with ctx.db.session(autocommit=single is not None and single(), lean=lean) as s:
+        with ctx.db.session(autocommit=autocommit, lean=lean) as s:
             g.session = s
             if who is not None:
                 g.principal = authenticate(s, _bearer())
@@ -105,6 +108,17 @@ def _run(
         for callback in g.after_commit:
             callback()
     return result
+
+
+def _token_fits(who: str | None) -> bool:
+    """Whether the bearer token is of the kind the endpoint serves (by its prefix only). A
+    request refused for its token's kind writes nothing, not even the token's last use: it
+    runs in a transaction, which the refusal rolls back."""
+    wanted = {"admin": TokenKind.ADMIN, "agent": TokenKind.AGENT}.get(who or "")
+    if wanted is None:
+        return True
+    secret = request.headers.get("Authorization", "").partition(" ")[2]
+    return tokens.kind_of(secret.strip()) == wanted
 
 
 def _guard(
@@ -126,6 +140,13 @@ def _guard(
 admin = _guard("admin")
 # An admin endpoint that is mostly Prebuilt statements: its Session is made only if needed.
 admin_lean = _guard("admin", lean=True)
+
+
+def admin_lean_via(*, single: Callable[[], bool]) -> Callable[[F], F]:
+    """:data:`admin_lean`, without a transaction when ``single()`` (see :func:`agent_via`)."""
+    return _guard("admin", single=single, lean=True)
+
+
 agent = _guard("agent")
 any_token = _guard("any")
 public = _guard(None)

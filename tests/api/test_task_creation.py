@@ -109,34 +109,39 @@ def _counted() -> Iterator[list[str]]:
 
 @pytest.mark.postgres
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
-def test_post_is_four_round_trips_without_a_session(
+def test_post_is_two_round_trips_without_a_session_or_a_transaction(
     client: Any, admin_token: str, db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     api = Api(client, admin_token)
     api.register("a1", ["gpu"])
     made: list[Any] = []
-    factory = db.sessions
 
-    def counting(*args: Any, **kwargs: Any) -> Any:
-        made.append(kwargs)
-        return factory(*args, **kwargs)
+    def counting(factory: Any) -> Any:
+        def make(*args: Any, **kwargs: Any) -> Any:
+            made.append(kwargs)
+            return factory(*args, **kwargs)
 
-    monkeypatch.setattr(db, "sessions", counting)
+        return make
+
+    # Both factories: the transaction's and the one for statements atomic on their own.
+    monkeypatch.setattr(db, "sessions", counting(db.sessions))
+    monkeypatch.setattr(db, "_autocommit", counting(db._autocommit))
     for labels in ([], ["agent:gpu"], ["agent:tpu"]):
         api.post("/tasks", json={"title": "warm", "labels": labels})  # statements prepared
         with _counted() as sent:
             reply = api.post("/tasks", json={"title": "t", "labels": labels})
         assert reply.status_code == 201
         assert bool(reply.get_json()["warnings"]) == (labels == ["agent:tpu"])
-        # BEGIN, authentication, the task with its event and the capability check, COMMIT.
-        assert sent == ["SELECT", "BEGIN", "WITH", "COMMIT"], sent
+        # Authentication, then the task with its event and the capability check: each
+        # statement atomic on its own, no BEGIN or COMMIT.
+        assert sent == ["SELECT", "WITH"], sent
     assert made == []
 
     # A key needs the ORM (its lookup): the lean unit of work makes its Session then.
     with _counted() as sent:
         keyed = api.post("/tasks", json={"title": "k"}, headers={"Idempotency-Key": "k1"})
     assert keyed.status_code == 201 and len(made) == 1
-    assert sent == ["SELECT", "BEGIN", "SELECT", "WITH", "COMMIT"], sent
+    assert sent == ["SELECT", "SELECT", "WITH"], sent
     again = api.post("/tasks", json={"title": "k"}, headers={"Idempotency-Key": "k1"})
     assert again.status_code == 200 and again.get_json()["id"] == keyed.get_json()["id"]
 
