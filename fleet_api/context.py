@@ -140,13 +140,8 @@ def _guard(
 admin = _guard("admin")
 # An admin endpoint that is mostly Prebuilt statements: its Session is made only if needed.
 admin_lean = _guard("admin", lean=True)
-
-
-def admin_lean_via(*, single: Callable[[], bool]) -> Callable[[F], F]:
-    """:data:`admin_lean`, without a transaction when ``single()`` (see :func:`agent_via`)."""
-    return _guard("admin", single=single, lean=True)
-
-
+# ... whose statements are each atomic and correct on their own: on PostgreSQL, no transaction.
+admin_statements = _guard("admin", single=lambda: True, lean=True)
 agent = _guard("agent")
 any_token = _guard("any")
 public = _guard(None)

@@ -118,20 +118,12 @@ def wake_if_served(task: Task) -> None:
         wake(task)
 
 
-def _created_by_statements() -> bool:
-    """Whether ``POST /tasks`` is statements each atomic and correct on their own, so that
-    PostgreSQL runs them without a transaction (two round trips fewer): the token's read, an
-    Idempotency-Key's lookup, one statement inserting the task with its event. A task linked
-    to an issue is made by the unit of work instead (for the Forgejo write-back); this
-    schema takes no ``issue_number`` (422 before any write), and if it ever does, such a
-    request keeps its transaction. Neither does a body that is not an object write."""
-    body = request.get_json(silent=True)
-    return not isinstance(body, dict) or body.get("issue_number") is None
-
-
 @blp.route("")
 class Tasks(MethodView):
-    @context.admin_lean_via(single=_created_by_statements)
+    # The token's read, an Idempotency-Key's lookup, one statement inserting the task with its
+    # event: each atomic on its own. (A task linked to an issue is made by the unit of work,
+    # for the Forgejo write-back: this schema takes no issue_number.)
+    @context.admin_statements
     @blp.arguments(TaskCreateSchema)
     @blp.response(201, CreatedTaskSchema)
     @blp.alt_response(200, schema=CreatedTaskSchema, description="Idempotent replay")

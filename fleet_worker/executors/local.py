@@ -50,7 +50,7 @@ CLOSE_WAIT_SECS = 10.0
 #: a pipe whose write end only the worker holds, keeping the watched groups in ``$g``
 #: (" 12 34 "); the worker's death closes the pipe, and the reaper kills every group still
 #: watched, then (a few passes, for children forked meanwhile) every process whose environment
-#: holds the tracking id. Only ``kill`` and, once, ``grep`` fork.
+#: holds the tracking id. Only ``kill`` and ``grep`` (once a pass) fork.
 _REAPER = f"""g=' '
 while read -r line; do
   p=${{line#?}}
