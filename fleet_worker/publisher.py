@@ -17,9 +17,14 @@ A batch that fails is dropped whole, like a single message was.
 
 The wake-ups of one batch for the same queue go as one message that says how many it stands
 for (``kwargs={"count": n}``, the first task's id in ``args``): the worker that receives it
-claims for up to that many of its free places at once. Under a burst the thread is behind the
-requests, batches grow, and the broker, the worker's consumer and Flower see one message per
-batch and queue instead of one per task; one task at a time, nothing changes.
+claims for up to that many of its free places at once. A batch is sent at most every
+:data:`LINGER_SECS`: what comes within that of the last send waits for the rest of it and goes
+together, so under a burst the broker, the worker's consumer and Flower see one message per
+queue every 20 ms instead of one per task or two (each costs a busy worker about 1 ms of CPU:
+its receipt and its acknowledgement; 13% more tasks per second in ``dispatch.py``'s burst).
+A wake-up after a quiet spell goes at once; one that follows another within 20 ms waits for
+the rest of them (a worker busy with the first's task chains its next claim to its completion
+anyway).
 
 The same thread sends other messages that a sweep backs up the same way (a :class:`Message`:
 the Forgejo write-back's syncs, re-sent by its outbox sweep).
@@ -56,6 +61,8 @@ DEFAULT_COOLDOWN_SECS = 1.0
 
 #: At most this many messages go in one broker round trip.
 MAX_BATCH = 200
+#: The least time between two sends: what comes meanwhile waits and goes in the second.
+LINGER_SECS = 0.02
 #: Queues kept bound to the publisher's channel; beyond this many names the cache starts over.
 MAX_BOUND_QUEUES = 4096
 
@@ -227,14 +234,21 @@ class Publisher:
 
     def _run(self, pending: queue.Queue[Any]) -> None:
         try:
+            sent_at = float("-inf")
             while True:
                 batch = [pending.get()]
-                # Whatever else is already waiting goes in the same broker round trip.
+                # Whatever else is waiting, or comes before LINGER_SECS have passed since the
+                # last send, goes in the same broker round trip.
+                until = sent_at + LINGER_SECS
                 while len(batch) < MAX_BATCH and batch[-1] is not _STOP:
+                    left = until - time.monotonic()
                     try:
-                        batch.append(pending.get_nowait())
+                        batch.append(
+                            pending.get(timeout=left) if left > 0 else pending.get_nowait()
+                        )
                     except queue.Empty:
                         break
+                sent_at = time.monotonic()
                 stop = batch[-1] is _STOP
                 items = batch[:-1] if stop else batch
                 try:

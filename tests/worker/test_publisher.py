@@ -22,6 +22,7 @@ import pytest
 
 from fleet_common.settings import Settings, load_settings
 from fleet_common.sweeps import Publish
+from fleet_worker import publisher as publisher_module
 from fleet_worker.celery_app import make_celery
 from fleet_worker.publisher import (
     DISPATCH_TASK,
@@ -145,6 +146,24 @@ def test_what_is_published_while_holding_is_queued_at_the_end(tmp_path: Path) ->
         assert (publisher.sent, publisher.dropped) == (2, 0)
     # Taken together by the sending thread, the two wake-ups went as one message for both.
     assert take(settings, "fleet.cap.held").decode()[:2] == [["tsk_a"], {"count": 2}]
+
+
+def test_what_follows_a_send_within_the_linger_goes_together(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A long linger, so that a slow machine cannot split what the test publishes at once.
+    monkeypatch.setattr(publisher_module, "LINGER_SECS", 1.0)
+    settings = broker_settings(tmp_path, "filesystem://")
+    with publisher_for(settings) as publisher:
+        publisher.publish([Publish("tsk_0", "linger", None)])  # after a quiet spell: at once
+        assert publisher.flush(timeout=10) and publisher.sent == 1
+        for n in range(1, 6):  # one by one, 50 ms apart, as five requests would
+            publisher.publish([Publish(f"tsk_{n}", "linger", None)])
+            time.sleep(0.05)  # without the linger, each would go on its own
+        assert publisher.flush(timeout=10)
+        assert (publisher.sent, publisher.dropped) == (6, 0)
+    assert take(settings, "fleet.cap.linger").decode()[:2] == [["tsk_0"], {}]
+    assert take(settings, "fleet.cap.linger").decode()[:2] == [["tsk_1"], {"count": 5}]
 
 
 def test_a_batch_sends_one_wake_up_per_queue_counting_its_tasks() -> None:
