@@ -47,6 +47,7 @@ from kombu import Queue
 
 from fleet_common.dispatch.routing import agent_queue, queue_for_key
 from fleet_common.sweeps import Publish
+from fleet_worker.batches import take_batch
 from fleet_worker.task_messages import TaskMessages
 
 log = logging.getLogger(__name__)
@@ -237,18 +238,14 @@ class Publisher:
         try:
             sent_at = float("-inf")
             while True:
-                batch = [pending.get()]
                 # Whatever else is waiting, or comes before LINGER_SECS have passed since the
                 # last send, goes in the same broker round trip.
-                until = sent_at + LINGER_SECS
-                while len(batch) < MAX_BATCH and batch[-1] is not _STOP:
-                    left = until - time.monotonic()
-                    try:
-                        batch.append(
-                            pending.get(timeout=left) if left > 0 else pending.get_nowait()
-                        )
-                    except queue.Empty:
-                        break
+                batch = take_batch(
+                    pending,
+                    lambda: sent_at + LINGER_SECS,  # noqa: B023 - read at once
+                    MAX_BATCH,
+                    lambda item: item is not _STOP,
+                )
                 sent_at = time.monotonic()
                 stop = batch[-1] is _STOP
                 items = batch[:-1] if stop else batch

@@ -27,6 +27,7 @@ import subprocess
 import threading
 import time
 
+from fleet_worker.batches import take_batch
 from fleet_worker.executors.served_queue import ServedQueue
 
 log = logging.getLogger("fleet.worker")
@@ -151,17 +152,10 @@ class _Remover:
                     self._idle.notify_all()
 
     def _gather(self, jobs: queue.SimpleQueue[str]) -> list[str]:
-        """The next job and those that follow within GATHER_SECS (none after a hurry)."""
-        batch = [jobs.get()]
-        deadline = time.monotonic() + GATHER_SECS
-        while len(batch) < GATHER_MAX and not self._hurry:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            try:
-                batch.append(jobs.get(timeout=left))
-            except queue.Empty:
-                break
+        """The next job and those that come within GATHER_SECS (none after a hurry)."""
+        batch = take_batch(
+            jobs, lambda: time.monotonic() + GATHER_SECS, GATHER_MAX, lambda _: not self._hurry
+        )
         with self._lock:
             self._hurry = False
         return batch
